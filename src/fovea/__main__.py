@@ -1,0 +1,5 @@
+import sys
+
+from fovea.cli import main
+
+sys.exit(main())

@@ -1,0 +1,238 @@
+"""YAML presets + ``key.sub=value`` overrides -> validated dataclasses.
+
+Unknown keys and values of the wrong type fail before any work, naming the key
+(with a close-match suggestion). ``to_dict`` gives the resolved config written next to a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fovea.config.schema import RunConfig
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or override."""
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in ``fovea/presets``."""
+    return sorted(p.name[:-5] for p in resources.files("fovea.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    """Raw YAML of a shipped preset."""
+    return resources.files("fovea.presets").joinpath(f"{name}.yaml").read_text()
+
+
+def _hint(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert ``value`` to type ``tp``; raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}{_hint(str(key), names)}; "
+                              f"valid keys here: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], path)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML reads 1e-3 as a string
+    return key, value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_tree(preset_or_path: str) -> dict[str, Any]:
+    """Raw mapping of a preset name or a YAML file path."""
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {preset_or_path!r} not found")
+        text = path.read_text()
+        origin = str(path)
+    elif preset_or_path in preset_names():
+        text = preset_text(preset_or_path)
+        origin = f"preset {preset_or_path}"
+    else:
+        raise ConfigError(f"{preset_or_path!r} is neither a preset nor a YAML file{_hint(preset_or_path, preset_names())}; "
+                          f"presets: {', '.join(preset_names())}")
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: invalid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping")
+    tree.setdefault("name", path.stem if origin == str(path) else preset_or_path)
+    return _fix_numeric_strings(tree)
+
+
+def _fix_numeric_strings(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_numeric_strings(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_numeric_strings(v) for v in node]
+    if isinstance(node, str) and _looks_numeric(node) and node.strip().lower() not in ("nan", "inf", "-inf", "infinity"):
+        return float(node)
+    return node
+
+
+def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a preset/YAML and ``key=value`` overrides."""
+    tree = load_tree(preset_or_path) if preset_or_path else {}
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        _set_path(tree, key, value)
+    cfg = _build(RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+    from fovea.models.vit import ARCHS
+    need(cfg.method in ("dino",), f"method: unknown method {cfg.method!r}; available: dino")
+    need(cfg.model.arch in ARCHS, f"model.arch: unknown {cfg.model.arch!r}{_hint(cfg.model.arch, list(ARCHS))}; "
+         f"choose one of {', '.join(ARCHS)}")
+    p = cfg.model.patch_size
+    need(p > 0, "model.patch_size must be > 0")
+    for key, size in (("crops.global_size", cfg.crops.global_size), ("crops.local_size", cfg.crops.local_size)):
+        need(size > 0 and size % p == 0, f"{key}={size} must be a positive multiple of model.patch_size={p}")
+    need(cfg.model.img_size % p == 0, f"model.img_size={cfg.model.img_size} must be a multiple of patch_size={p}")
+    need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
+    need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
+    need(cfg.optim.lr_scaling in ("linear256", "sqrt1024", "none"),
+         f"optim.lr_scaling: {cfg.optim.lr_scaling!r} not one of linear256, sqrt1024, none")
+    need(cfg.optim.clip_mode in ("per_param", "global"), f"optim.clip_mode: {cfg.optim.clip_mode!r} not per_param/global")
+    need(cfg.train.precision in ("auto", "fp32", "bf16"), f"train.precision: {cfg.train.precision!r} not auto/fp32/bf16")
+    need(cfg.eval.knn.features in ("cls", "mean_patch", "both"),
+         f"eval.knn.features: {cfg.eval.knn.features!r} not one of cls, mean_patch, both")
+    need(cfg.crops.interpolation in ("bicubic", "bilinear", "area"), "crops.interpolation: bicubic | bilinear | area")
+    for key in ("global_scale", "local_scale", "ratio", "blur_sigma"):
+        v = getattr(cfg.crops, key)
+        need(len(v) == 2 and 0 < v[0] <= v[1], f"crops.{key} must be [low, high] with 0 < low <= high, got {v}")
+    need(len(cfg.crops.blur_p) == 3, "crops.blur_p must list 3 probabilities (global 1, global 2, locals)")
+    need(len(cfg.crops.color_jitter) == 4, "crops.color_jitter must be [brightness, contrast, saturation, hue]")
+    need(cfg.dino.out_dim > 0 and cfg.dino.student_temp > 0 and cfg.dino.teacher_temp > 0,
+         "dino.out_dim, dino.student_temp and dino.teacher_temp must be > 0")
+    need(0 <= cfg.optim.momentum_teacher <= 1 and 0 <= cfg.optim.momentum_teacher_end <= 1,
+         "optim.momentum_teacher(_end) must be within [0, 1]")
+    need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
+         f"data.train.kind: {cfg.data.train.kind!r} not one of fmnist, parquet, folder")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass tree -> plain dict (for YAML / checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """Resolved config as YAML text; loading it back gives an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, default) for every leaf key, for ``--help`` listings."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and args else tp
+        if dataclasses.is_dataclass(inner):
+            rows.extend(describe(inner, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, getattr(inner, "__name__", str(inner)), repr(default)))
+    return rows

@@ -1,0 +1,113 @@
+"""The run configuration: one dataclass per section, with defaults.
+
+Defaults are the published DINO (ViT-S/16, ImageNet) values from METHODS.md; presets in
+``fovea/presets`` override what differs. Every key is documented in ``fovea train --help``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fovea.data.augment import CropsConfig
+from fovea.data.sources import SourceConfig
+from fovea.models.vit import ViTConfig
+
+
+@dataclass
+class DINOConfig:
+    """DINO head and loss (the ``dino`` section)."""
+
+    out_dim: int = 65536  # K prototypes; use 4096-8192 on small data sets
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = True
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # final teacher temperature
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class DataConfig:
+    """Training images, loader settings and labelled splits for k-NN (the ``data`` section)."""
+
+    train: SourceConfig = field(default_factory=SourceConfig)
+    eval_train: SourceConfig | None = None  # labelled bank for periodic / final k-NN
+    eval_test: SourceConfig | None = None
+    batch_size: int = 64  # per rank
+    num_workers: int = 4
+    eval_size: int = 0  # input size of eval views; 0 = crops.global_size
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedules (the ``optim`` section). Durations are in epochs (floats allowed)."""
+
+    epochs: float = 100.0
+    max_steps: int = 0  # >0 overrides epochs * steps_per_epoch
+    lr: float = 5e-4  # base lr, scaled by `lr_scaling`
+    lr_scaling: str = "linear256"  # linear256 (DINO: lr*B/256) | sqrt1024 (DINOv2) | none
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 3.0  # 0 = off
+    clip_mode: str = "per_param"  # per_param (DINO v1) | global
+    freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
+class KNNConfig:
+    """Frozen-feature k-NN (the ``eval.knn`` section)."""
+
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    features: str = "cls"  # cls | mean_patch | both (reported: every kind listed in eval.knn.report)
+    report: list[str] = field(default_factory=lambda: ["cls"])  # feature kinds computed at each k-NN
+
+
+@dataclass
+class EvalConfig:
+    """When to evaluate during training (the ``eval`` section)."""
+
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    at_start: bool = False  # k-NN of the initial model (before any step)
+    every_epochs: float = 0.0  # 0 = only at the end
+    at_end: bool = True
+    batch_size: int = 256
+
+
+@dataclass
+class TrainConfig:
+    """Run control (the ``train`` section)."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    checkpoint_every_steps: int = 0  # 0 = once per epoch
+    keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt
+    log_every_steps: int = 10
+    threads: int = 0  # torch CPU threads, 0 = torch default
+    progress: bool = True
+    resume: bool = True  # continue from <output_dir>/checkpoints/last.pt when it exists
+
+
+@dataclass
+class RunConfig:
+    """A whole run: method, model, data, optimisation, evaluation."""
+
+    method: str = "dino"
+    name: str = ""  # preset or experiment name (used in the default output_dir)
+    description: str = ""  # one line shown by `fovea presets`
+    output_dir: str = ""  # run folder; "" = runs/<name>
+    model: ViTConfig = field(default_factory=ViTConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,123 @@
+"""Multi-crop augmentation (METHODS.md section 0) with albumentations.
+
+Every sample's crops are a pure function of (seed, epoch, index): each crop pipeline is
+re-seeded per sample, so a resumed run or a run split over several ranks sees exactly the
+same pixels. Crops are returned as uint8 CHW tensors; normalisation happens on the device
+(:func:`normalize`), which keeps the loader cheap and the transfer small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop recipe (the ``crops`` section). Defaults: the DINOv2 224-px recipe."""
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_p: float = 0.5
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # Gaussian blur probabilities: global crop 1, global crop 2, local crops (intended values).
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.2  # global crop 2 only
+    # True reproduces the official DINOv2 code's inverted blur probabilities (0.0 / 0.9 / 0.5).
+    dinov2_inverted_blur: bool = False
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    interpolation: str = "bicubic"  # bicubic | bilinear | area
+
+    def effective_blur_p(self) -> list[float]:
+        """Blur probabilities actually used for (global 1, global 2, locals)."""
+        if self.dinov2_inverted_blur:
+            return [1.0 - self.blur_p[0], 1.0 - self.blur_p[1], self.blur_p[2]]
+        return list(self.blur_p)
+
+
+_INTERP = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+
+
+def _pipeline(cfg: CropsConfig, size: int, scale: list[float], blur_p: float, solarize_p: float) -> A.Compose:
+    b, c, s, h = cfg.color_jitter
+    ops: list[A.BasicTransform] = [
+        A.RandomResizedCrop((size, size), scale=tuple(scale), ratio=tuple(cfg.ratio),
+                            interpolation=_INTERP[cfg.interpolation]),
+        A.HorizontalFlip(p=cfg.flip_p),
+    ]
+    if cfg.color_jitter_p > 0:
+        ops.append(A.ColorJitter(brightness=(max(0.0, 1 - b), 1 + b), contrast=(max(0.0, 1 - c), 1 + c),
+                                 saturation=(max(0.0, 1 - s), 1 + s), hue=(-h, h), p=cfg.color_jitter_p))
+    if cfg.grayscale_p > 0:
+        ops.append(A.ToGray(num_output_channels=3, p=cfg.grayscale_p))
+    if blur_p > 0:
+        ops.append(A.GaussianBlur(blur_limit=0, sigma_limit=tuple(cfg.blur_sigma), p=blur_p))
+    if solarize_p > 0:
+        ops.append(A.Solarize(threshold_range=(0.5, 0.5), p=solarize_p))  # threshold 128 on uint8
+    return A.Compose(ops, seed=0)
+
+
+class MultiCrop:
+    """Image HxWx3 uint8 -> [global1, global2, local1..localL] uint8 tensors [3, S, S]."""
+
+    def __init__(self, cfg: CropsConfig) -> None:
+        self.cfg = cfg
+        bp = cfg.effective_blur_p()
+        self.global1 = _pipeline(cfg, cfg.global_size, cfg.global_scale, bp[0], 0.0)
+        self.global2 = _pipeline(cfg, cfg.global_size, cfg.global_scale, bp[1], cfg.solarize_p)
+        self.local = _pipeline(cfg, cfg.local_size, cfg.local_scale, bp[2], 0.0) if cfg.n_local else None
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.cfg.n_local
+
+    def __call__(self, img: np.ndarray, seed: int) -> list[Tensor]:
+        out = []
+        for k, pipe in enumerate((self.global1, self.global2)):
+            pipe.set_random_seed(seed * 4 + k)
+            out.append(pipe(image=img)["image"])
+        if self.local is not None:
+            self.local.set_random_seed(seed * 4 + 2)
+            out.extend(self.local(image=img)["image"] for _ in range(self.cfg.n_local))
+        return [torch.from_numpy(np.ascontiguousarray(o.transpose(2, 0, 1))) for o in out]
+
+
+def normalize(x: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    """uint8 [B, 3, H, W] -> float32 normalised, on x's device."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float().div_(255.0) - m) / s
+
+
+def eval_transform(img: np.ndarray, size: int) -> Tensor:
+    """Evaluation view: resize the shorter side to size/0.875 and centre-crop ``size`` (uint8 CHW).
+
+    Images already at ``size`` (or smaller than it, like 28/32-px sets at their native size)
+    are only resized, not cropped, so small datasets are evaluated on whole images.
+    """
+    h, w = img.shape[:2]
+    if max(h, w) <= size or (h == w and h <= size / 0.875):
+        out = cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC) if (h, w) != (size, size) else img
+    else:
+        short = int(round(size / 0.875))
+        r = short / min(h, w)
+        nh, nw = max(size, int(round(h * r))), max(size, int(round(w * r)))
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_CUBIC if r > 1 else cv2.INTER_AREA)
+        y, x = (nh - size) // 2, (nw - size) // 2
+        out = img[y:y + size, x:x + size]
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))

@@ -1,0 +1,105 @@
+"""Datasets, the resumable distributed batch sampler, and collate functions.
+
+The sampler draws a global permutation per epoch from (seed, epoch); global batch ``s`` is
+``perm[s*G:(s+1)*G]`` with ``G = batch * world``, and rank ``r`` takes its ``r``-th slice. So one
+process with batch G and W processes with batch G/W see the same images, and a run resumed at
+step ``s`` continues with exactly the batch it would have drawn.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fovea.data.augment import MultiCrop, eval_transform
+from fovea.data.sources import ImageSource, fetch_with_replacement
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 31-bit seed that is a pure function of (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0] >> 1)
+
+
+class MultiCropDataset(Dataset):
+    """Item key (epoch, index) -> (list of uint8 crops [3,S,S], number of unreadable items skipped)."""
+
+    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+        epoch, index = key
+        img, _, skipped = fetch_with_replacement(self.source, index)
+        return self.transform(img, sample_seed(self.seed, epoch, index)), skipped
+
+
+class EvalDataset(Dataset):
+    """Index -> (uint8 [3,S,S] evaluation view, label, skipped)."""
+
+    def __init__(self, source: ImageSource, size: int) -> None:
+        self.source, self.size = source, size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        img, used, skipped = fetch_with_replacement(self.source, index)
+        return eval_transform(img, self.size), int(self.source.labels[used]), skipped
+
+
+class EpochBatchSampler(Sampler):
+    """Yields this rank's batches of (epoch, index) keys for one epoch, from ``start_step`` on."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, epoch: int,
+                 start_step: int = 0) -> None:
+        self.n, self.b, self.rank, self.world = n, batch_size, rank, world
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+
+    @staticmethod
+    def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+        """Full global batches per epoch (the remainder is dropped)."""
+        return n // (batch_size * world)
+
+    def __len__(self) -> int:
+        return max(self.steps_per_epoch(self.n, self.b, self.world) - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        gb = self.b * self.world
+        for s in range(self.start_step, self.steps_per_epoch(self.n, self.b, self.world)):
+            lo = s * gb + self.rank * self.b
+            yield [(self.epoch, i) for i in perm[lo:lo + self.b]]
+
+
+def collate_multicrop(items: list[tuple[list[torch.Tensor], int]]) -> dict:
+    """-> {"crops": [crop_i stacked over the batch: uint8 [B,3,S_i,S_i]], "skipped": int}."""
+    n_crops = len(items[0][0])
+    crops = [torch.stack([it[0][i] for it in items]) for i in range(n_crops)]
+    return {"crops": crops, "skipped": sum(it[1] for it in items)}
+
+
+def collate_eval(items: list[tuple[torch.Tensor, int, int]]) -> dict:
+    """-> {"images": uint8 [B,3,S,S], "labels": int64 [B], "skipped": int}."""
+    return {"images": torch.stack([it[0] for it in items]),
+            "labels": torch.tensor([it[1] for it in items], dtype=torch.long),
+            "skipped": sum(it[2] for it in items)}
+
+
+def make_train_loader(ds: MultiCropDataset, batch_size: int, rank: int, world: int, seed: int, epoch: int,
+                      start_step: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """DataLoader over one epoch (from ``start_step``) with a private generator (leaves global RNG alone)."""
+    sampler = EpochBatchSampler(len(ds), batch_size, rank, world, seed, epoch, start_step)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_multicrop,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+def make_eval_loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Sequential loader over an evaluation source."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_eval,
+                      generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,397 @@
+"""Image sources: Fashion-MNIST (IDX), Hugging Face style parquet, and image folders.
+
+Every source exposes ``labels`` (int64 ``[N]``, -1 = unlabelled), ``class_names`` and
+``load(i) -> uint8 [H, W, 3] | None`` (``None`` = unreadable item, to be counted and skipped).
+Sources are picklable and cheap to pickle except Fashion-MNIST (47 MB of pixels), so they can
+be handed to DataLoader worker processes; parquet files are (re)opened lazily per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fovea.data.decode import (  # noqa: F401 - FileSum, FMNIST_CHECKSUMS, verify_* re-exported
+    FMNIST_CHECKSUMS, IMAGE_EXTENSIONS, FileSum, decode_image, read_idx, verify_fmnist_file,
+)
+
+__all__ = ["SourceConfig", "ImageSource", "FashionMNISTSource", "ParquetSource", "FolderSource",
+           "SubsetSource", "build_source", "fetch_with_replacement", "probe_source",
+           "find_fmnist_dir", "download_fmnist", "verify_fmnist_file", "FMNIST_CHECKSUMS"]
+
+
+@dataclass
+class SourceConfig:
+    """Which images to read. ``limit > 0`` keeps a fixed random subset (seeded by ``seed``)."""
+
+    kind: str = "fmnist"  # "fmnist" | "parquet" | "folder"
+    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir
+    split: str = "train"  # fmnist only: "train" | "test"
+    limit: int = 0
+    seed: int = 0
+
+
+class ImageSource:
+    """Base class: ``N`` items with ``labels`` int64 ``[N]`` (-1 = none) and ``class_names``."""
+
+    name: str = "source"
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def load(self, i: int) -> np.ndarray | None:
+        """RGB uint8 ``[H, W, 3]`` (C-contiguous) for item ``i``, or ``None`` if unreadable."""
+        raise NotImplementedError
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} ({n} items)")
+        return int(i) % n
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: {len(self)} items>"
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FMNIST_DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist", "~/.cache/fovea/fashion-mnist")
+_FMNIST_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_file(directory: str, stem: str) -> str | None:
+    """Path of ``stem`` or ``stem.gz`` in ``directory`` (un-gzipped preferred), else None."""
+    for name in (stem, stem + ".gz"):
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def find_fmnist_dir(path: str = "", split: str = "train") -> str:
+    """Directory holding the Fashion-MNIST IDX files of ``split``.
+
+    ``path`` given: it must contain them. ``path == ""``: tries ``$FOVEA_FMNIST_DIR``, then
+    ``/usr/share/datasets/fashion-mnist``, then ``~/.cache/fovea/fashion-mnist``.
+    Raises ``FileNotFoundError`` explaining how to get the data.
+    """
+    if split not in _FMNIST_STEMS:
+        raise ValueError(f"fmnist split must be 'train' or 'test', got {split!r}")
+    wanted = " and ".join(f"{s}[.gz]" for s in _FMNIST_STEMS[split])
+    if path:
+        d = os.path.expanduser(path)
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"Fashion-MNIST directory {path!r} does not exist")
+        if not all(_idx_file(d, s) for s in _FMNIST_STEMS[split]):
+            raise FileNotFoundError(f"Fashion-MNIST directory {path!r} lacks {wanted}")
+        return d
+    env = os.environ.get("FOVEA_FMNIST_DIR", "")
+    candidates = ([env] if env else []) + [os.path.expanduser(p) for p in FMNIST_DEFAULT_DIRS]
+    for d in candidates:
+        if os.path.isdir(d) and all(_idx_file(d, s) for s in _FMNIST_STEMS[split]):
+            return d
+    raise FileNotFoundError(
+        f"Fashion-MNIST ({wanted}) not found; looked in: {', '.join(candidates)} "
+        "(first is $FOVEA_FMNIST_DIR if set). Get it with one of: "
+        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to "
+        "/usr/share/datasets/fashion-mnist); `fovea data download fmnist` (downloads to "
+        "~/.cache/fovea/fashion-mnist); or pass path=... (source.path) pointing to a directory "
+        "with the four IDX files."
+    )
+
+
+class FashionMNISTSource(ImageSource):
+    """Fashion-MNIST split held in memory: images uint8 ``[N, 28, 28]``, labels ``[N]``."""
+
+    def __init__(self, path: str = "", split: str = "train") -> None:
+        d = find_fmnist_dir(path, split)
+        img_stem, lab_stem = _FMNIST_STEMS[split]
+        img_path, lab_path = _idx_file(d, img_stem), _idx_file(d, lab_stem)
+        assert img_path and lab_path
+        self.images = read_idx(img_path, expect_magic=2051)  # [N, 28, 28] uint8
+        labels = read_idx(lab_path, expect_magic=2049)  # [N] uint8
+        if labels.shape[0] != self.images.shape[0]:
+            raise ValueError(f"{img_path} has {self.images.shape[0]} images but {lab_path} "
+                             f"has {labels.shape[0]} labels")
+        if labels.size and labels.max() >= len(FMNIST_CLASSES):
+            raise ValueError(f"{lab_path}: label {int(labels.max())} out of range 0..9")
+        self.labels = labels.astype(np.int64)
+        self.class_names = list(FMNIST_CLASSES)
+        self.name = f"fmnist:{split} ({d})"
+
+    def load(self, i: int) -> np.ndarray | None:
+        """Gray 28x28 repeated to RGB: uint8 ``[28, 28, 3]``."""
+        g = self.images[self._check_index(i)]
+        return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def download_fmnist(dest: str = "~/.cache/fovea/fashion-mnist", base_url: str = FMNIST_URL,
+                    checksums: dict[str, FileSum] | None = None, timeout: float = 60.0) -> str:
+    """Download the four Fashion-MNIST .gz files into ``dest`` and verify them; returns ``dest``.
+
+    Files already present and valid are kept. Each file is written to a temporary file and
+    moved into place with ``os.replace`` only after its checksum matched; on a mismatch the
+    temporary file is deleted and ``ValueError`` is raised. ``base_url`` may be ``file://``.
+    """
+    dest = os.path.expanduser(dest)
+    os.makedirs(dest, exist_ok=True)
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    for name, expected in (checksums or FMNIST_CHECKSUMS).items():
+        final = os.path.join(dest, name)
+        if os.path.isfile(final) and verify_fmnist_file(final, expected) is None:
+            continue
+        url = base + name
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+                shutil.copyfileobj(r, out, 1 << 20)
+            problem = verify_fmnist_file(tmp, expected)
+            if problem is not None:
+                raise ValueError(f"checksum mismatch for {url}: {problem}; file discarded")
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    return dest
+
+
+# ------------------------------------------------------------------------------- parquet
+
+#: Per-process budget for cached row groups of encoded image bytes (LRU, whole groups).
+PARQUET_CACHE_BYTES = 128 << 20
+
+
+class ParquetSource(ImageSource):
+    """Hugging Face image parquet: ``image`` = struct{bytes, path}, optional int64 ``label``.
+
+    Labels are read eagerly; encoded image bytes are read lazily one row group at a time and
+    kept in a per-process LRU cache bounded by ``cache_bytes``. No file handle is pickled.
+    """
+
+    def __init__(self, path: str, cache_bytes: int = PARQUET_CACHE_BYTES) -> None:
+        import pyarrow.parquet as pq
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"parquet file {path!r} does not exist")
+        self.path = os.path.abspath(path)
+        self.name = f"parquet:{path}"
+        self.cache_bytes = int(cache_bytes)
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path!r} is not a readable parquet file: {e}") from e
+        schema = pf.schema_arrow
+        if "image" not in schema.names or schema.field("image").type.num_fields == 0 or \
+                schema.field("image").type.get_field_index("bytes") < 0:
+            raise ValueError(f"parquet file {path!r} has no column image = struct{{bytes, path}} "
+                             f"(columns: {schema.names})")
+        md = pf.metadata
+        rows = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])  # [G + 1]
+        if "label" in schema.names:
+            col = pf.read(columns=["label"], use_threads=False).column("label")
+            self.labels = col.fill_null(-1).to_numpy().astype(np.int64)
+        else:
+            self.labels = np.full(int(self._starts[-1]), -1, np.int64)
+        if len(self.labels) == 0:
+            raise ValueError(f"parquet file {path!r} contains no rows")
+        self.class_names = _hf_class_names(schema.metadata)
+        self._pf: Any = None
+        self._pid = -1
+        self._cache: OrderedDict[int, tuple[list[Any], int]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_pf=None, _pid=-1, _cache=OrderedDict())  # reopened lazily in the worker
+        return state
+
+    def _group(self, g: int) -> list[Any]:
+        """Encoded images of row group ``g``: list of bytes or path strings (None if neither)."""
+        hit = self._cache.get(g)
+        if hit is not None:
+            self._cache.move_to_end(g)
+            return hit[0]
+        if self._pf is None or self._pid != os.getpid():
+            import pyarrow.parquet as pq
+
+            self._pf, self._pid, self._cache = pq.ParquetFile(self.path), os.getpid(), OrderedDict()
+        col = self._pf.read_row_group(g, columns=["image"], use_threads=False).column("image")
+        col = col.combine_chunks()
+        blobs = col.field("bytes").to_pylist()
+        if any(b is None for b in blobs) and col.type.get_field_index("path") >= 0:
+            paths = col.field("path").to_pylist()
+            blobs = [b if b is not None else self._resolve(p) for b, p in zip(blobs, paths)]
+        size = sum(len(b) for b in blobs if b is not None)
+        self._cache[g] = (blobs, size)
+        total = sum(s for _, s in self._cache.values())
+        while total > self.cache_bytes and len(self._cache) > 1:
+            total -= self._cache.popitem(last=False)[1][1]
+        return blobs
+
+    def _resolve(self, p: str | None) -> str | None:
+        """An image stored by path only: absolute, or relative to the parquet file's folder."""
+        if not p:
+            return None
+        return p if os.path.isabs(p) else os.path.join(os.path.dirname(self.path), p)
+
+    def load(self, i: int) -> np.ndarray | None:
+        i = self._check_index(i)
+        g = int(np.searchsorted(self._starts, i, side="right")) - 1
+        try:
+            blob = self._group(g)[i - int(self._starts[g])]
+        except Exception:  # noqa: BLE001 - a corrupt row group makes its items unreadable
+            return None
+        return None if blob is None else decode_image(blob)
+
+
+def _hf_class_names(metadata: dict[bytes, bytes] | None) -> list[str]:
+    """Class names from the ``huggingface`` schema metadata (info.features.label.names)."""
+    try:
+        hf = json.loads((metadata or {})[b"huggingface"])
+        features = hf.get("info", {}).get("features", {})
+        label = features.get("label", {})
+        if "feature" in label and "names" not in label:  # Sequence(ClassLabel) style
+            label = label["feature"]
+        return [str(n) for n in label.get("names", [])]
+    except (KeyError, ValueError, AttributeError, TypeError):
+        return []
+
+
+# -------------------------------------------------------------------------------- folder
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(root: str) -> list[str]:
+    """All image files below ``root`` (recursive, hidden entries skipped), sorted by path."""
+    out = []
+    for d, subdirs, files in os.walk(root, followlinks=True):
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+        out.extend(os.path.join(d, f) for f in files if _is_image(f))
+    return sorted(out)
+
+
+class FolderSource(ImageSource):
+    """Images in ``root/<class>/**`` (labels = index in sorted class names), or unlabelled.
+
+    The folder is unlabelled (labels -1, every image below ``root`` recursively) when image
+    files sit directly in ``root``; otherwise its non-hidden subfolders are the classes.
+    """
+
+    def __init__(self, root: str) -> None:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+        self.root = os.path.abspath(root)
+        self.name = f"folder:{root}"
+        entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        top_images = [e for e in entries if e.is_file() and _is_image(e.name)]
+        class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+        paths: list[str] = []
+        labels: list[int] = []
+        if top_images or not class_dirs:
+            paths = _walk_images(self.root)
+            labels = [-1] * len(paths)
+            self.class_names: list[str] = []
+        else:
+            self.class_names = class_dirs
+            for k, c in enumerate(class_dirs):
+                found = _walk_images(os.path.join(self.root, c))
+                paths += found
+                labels += [k] * len(found)
+        if not paths:
+            raise ValueError(f"folder {root} contains no image files "
+                             f"(looked for {' '.join(IMAGE_EXTENSIONS)}, case-insensitive)")
+        self.paths = paths
+        self.labels = np.asarray(labels, np.int64)
+
+    def load(self, i: int) -> np.ndarray | None:
+        return decode_image(self.paths[self._check_index(i)])
+
+
+# ------------------------------------------------------------------------- subset, build
+
+class SubsetSource(ImageSource):
+    """Items ``indices`` (int64 ``[M]``) of another source, in that order."""
+
+    def __init__(self, base: ImageSource, indices: np.ndarray, note: str = "") -> None:
+        self.base = base
+        self.indices = np.asarray(indices, np.int64)
+        self.labels = base.labels[self.indices]
+        self.class_names = base.class_names
+        self.name = f"{base.name} [{note or f'{len(self.indices)} of {len(base)} items'}]"
+
+    def load(self, i: int) -> np.ndarray | None:
+        return self.base.load(int(self.indices[self._check_index(i)]))
+
+
+def build_source(cfg: SourceConfig) -> ImageSource:
+    """Create the source described by ``cfg`` (raises FileNotFoundError / ValueError)."""
+    kind = cfg.kind.lower().strip()
+    src: ImageSource
+    if kind in ("fmnist", "fashion-mnist", "fashion_mnist"):
+        src = FashionMNISTSource(cfg.path, cfg.split)
+    elif kind == "parquet":
+        if not cfg.path:
+            raise ValueError("source kind 'parquet' needs path=<file.parquet>")
+        src = ParquetSource(cfg.path)
+    elif kind == "folder":
+        if not cfg.path:
+            raise ValueError("source kind 'folder' needs path=<directory>")
+        src = FolderSource(cfg.path)
+    else:
+        raise ValueError(f"unknown source kind {cfg.kind!r} (expected fmnist, parquet or folder)")
+    if cfg.limit < 0:
+        raise ValueError(f"limit must be >= 0, got {cfg.limit}")
+    if 0 < cfg.limit < len(src):
+        rng = np.random.default_rng(cfg.seed)
+        idx = np.sort(rng.choice(len(src), size=cfg.limit, replace=False))  # sorted: locality
+        src = SubsetSource(src, idx, f"random {cfg.limit} of {len(src)}, seed {cfg.seed}")
+    return src
+
+
+def fetch_with_replacement(src: ImageSource, i: int,
+                           max_tries: int = 64) -> tuple[np.ndarray, int, int]:
+    """Load item ``i``, else ``(i+1)%N``, ``(i+2)%N``, ...: returns (image, index used, n skipped).
+
+    Raises ``RuntimeError`` naming the source if ``max_tries`` consecutive items are unreadable.
+    """
+    n = len(src)
+    if n == 0:
+        raise RuntimeError(f"{src.name} is empty")
+    tries = max(1, min(max_tries, n))
+    for k in range(tries):
+        j = (i + k) % n
+        img = src.load(j)
+        if img is not None:
+            return img, j, k
+    raise RuntimeError(f"{src.name}: {tries} consecutive items starting at index {i} are "
+                       "unreadable (corrupt, truncated or not images); check the data")
+
+
+def probe_source(src: ImageSource, n: int = 32) -> None:
+    """Decode up to ``n`` items spread evenly over ``src``; ``ValueError`` if none decodes."""
+    total = len(src)
+    idx = np.unique(np.linspace(0, max(total - 1, 0), num=max(1, min(n, total))).round())
+    if total > 0:
+        for i in idx.astype(np.int64):
+            if src.load(int(i)) is not None:
+                return
+    raise ValueError(f"no readable image in {src.name}: tried {len(idx) if total else 0} of "
+                     f"{total} items and none could be decoded (corrupt files or wrong format?)")

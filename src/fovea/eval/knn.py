@@ -1,0 +1,68 @@
+"""Frozen-feature k-NN classification (METHODS.md section 6).
+
+Features are L2-normalised; each test sample takes its k most similar train samples and
+weights their votes by exp(sim / T) (T = 0.07); top-1 accuracy is reported for each k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, ks: list[int],
+                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024
+                 ) -> dict[int, Tensor]:
+    """Predicted labels of test samples for each k.
+
+    train_feats [N, D], train_labels [N] int, test_feats [M, D] (normalised here).
+    Returns {k: predictions [M]}. Votes of the k nearest are weighted by exp(sim / temperature).
+    """
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    c = int(num_classes if num_classes is not None else int(train_labels.max()) + 1)
+    kmax = min(max(ks), train.shape[0])
+    preds: dict[int, list[Tensor]] = {k: [] for k in ks}
+    for lo in range(0, test.shape[0], chunk):
+        sims = test[lo:lo + chunk] @ train.T
+        top_sim, top_idx = sims.topk(kmax, dim=1)
+        top_lab = train_labels[top_idx]
+        w = (top_sim / temperature).exp()
+        for k in ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(top_sim.shape[0], c, dtype=w.dtype)
+            votes.scatter_add_(1, top_lab[:, :kk], w[:, :kk])
+            preds[k].append(votes.argmax(1))
+    return {k: torch.cat(v) for k, v in preds.items()}
+
+
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
+                 ks: list[int], temperature: float = 0.07) -> dict[int, float]:
+    """Top-1 accuracy in percent for each k (labels >= 0 only)."""
+    keep_tr, keep_te = train_labels >= 0, test_labels >= 0
+    if not keep_tr.any() or not keep_te.any():
+        raise ValueError("k-NN needs labelled train and test sets")
+    c = int(max(train_labels.max(), test_labels.max())) + 1
+    preds = knn_classify(train_feats[keep_tr], train_labels[keep_tr], test_feats[keep_te], ks, temperature, c)
+    y = test_labels[keep_te]
+    return {k: float((p == y).float().mean() * 100) for k, p in preds.items()}
+
+
+def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature: float, kinds: list[str],
+                 size: int, device: torch.device, batch_size: int = 256, num_workers: int = 2,
+                 mean=None, std=None, progress: bool = True) -> dict:
+    """Extract features of both splits once and report k-NN top-1 (%) per feature kind and k.
+
+    Returns {"features": {kind: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}.
+    """
+    from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from fovea.eval.features import extract_features
+    mean = mean or IMAGENET_MEAN
+    std = std or IMAGENET_STD
+    ftr, ytr, s1 = extract_features(backbone, train_source, size, kinds, device, batch_size, num_workers,
+                                    mean, std, progress, "k-NN train features")
+    fte, yte, s2 = extract_features(backbone, test_source, size, kinds, device, batch_size, num_workers,
+                                    mean, std, progress, "k-NN test features")
+    res = {kind: {f"k={k}": acc for k, acc in knn_accuracy(ftr[kind], ytr, fte[kind], yte, ks, temperature).items()}
+           for kind in kinds}
+    return {"features": res, "n_train": len(ytr), "n_test": len(yte), "skipped": s1 + s2}

@@ -1,0 +1,72 @@
+"""Export and load portable backbones: ``backbone.safetensors`` + ``backbone.yaml`` (its ViTConfig)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from fovea.models.vit import ViTConfig, VisionTransformer
+from fovea.train.checkpoint import load_checkpoint
+
+
+def export_backbone(backbone: VisionTransformer, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``backbone.safetensors`` and ``backbone.yaml`` into ``out_dir``; returns the weights path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    path = out / "backbone.safetensors"
+    tmp = out / ".backbone.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    meta = {"model": dataclasses.asdict(backbone.cfg), **(extra or {})}
+    (out / "backbone.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return path
+
+
+def _vit_from_dict(d: dict) -> VisionTransformer:
+    names = {f.name for f in dataclasses.fields(ViTConfig)}
+    return VisionTransformer(ViTConfig(**{k: v for k, v in d.items() if k in names}))
+
+
+def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTransformer, dict]:
+    """Load a backbone from a run folder, a training checkpoint (.pt) or an exported .safetensors.
+
+    Returns (backbone in eval mode, metadata dict with at least ``model`` and, when known,
+    ``crops``/``data`` sections of the run config). ``which`` picks the teacher or student of a
+    training checkpoint.
+    """
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.pt", p / "backbone.safetensors"):
+            if cand.exists():
+                p = cand
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no checkpoints/last.pt or backbone.safetensors in this folder")
+    if p.suffix == ".safetensors":
+        meta_path = p.with_suffix(".yaml")
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{p}: missing {meta_path.name} (the backbone config written next to it)")
+        meta = yaml.safe_load(meta_path.read_text())
+        model = _vit_from_dict(meta["model"])
+        model.load_state_dict(load_file(str(p)))
+        return model.eval(), meta
+    ckpt = load_checkpoint(p)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{p}: not a fovea training checkpoint (keys: {sorted(ckpt)[:8]})")
+    cfg = ckpt["config"]
+    model = _vit_from_dict(cfg["model"])
+    prefix = f"{which}.backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{p}: no '{which}' backbone weights in this checkpoint")
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def state_dict_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """True when both state dicts have the same keys and identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

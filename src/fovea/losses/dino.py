@@ -1,0 +1,57 @@
+"""DINO CLS loss with EMA centering and sharpening (METHODS.md section 1)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def is_dist() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between sharpened, centred teacher and student distributions.
+
+    ``forward(student [S*B, K], teacher [T*B, K], teacher_temp)``: the student holds S crops and
+    the teacher T global crops, each a block of B rows in the same image order. Averages
+    H(P_t(i), P_s(j)) over all pairs (i, j) with i != j (same crop index = same view), i.e.
+    T*S - T pairs (2*(2+L) - 2 for DINO). The centre is an EMA of the teacher's batch mean
+    (over all ranks), updated by :meth:`update_center` after the loss (used from the next step).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher: Tensor, teacher_temp: float) -> Tensor:
+        """softmax((t - c) / tau_t) in float32, [T*B, K]."""
+        return F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1)
+
+    def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float, n_global: int) -> Tensor:
+        p_t = self.teacher_probs(teacher, teacher_temp).chunk(n_global)
+        log_s = F.log_softmax(student.float() / self.student_temp, dim=-1)
+        n_crops = student.shape[0] // p_t[0].shape[0]
+        log_s = log_s.chunk(n_crops)
+        total, n_pairs = student.new_zeros((), dtype=torch.float32), 0
+        for i, pt in enumerate(p_t):
+            for j, ls in enumerate(log_s):
+                if i == j:
+                    continue
+                total = total - (pt * ls).sum(-1).mean()
+                n_pairs += 1
+        return total / n_pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        """c <- m c + (1 - m) mean(teacher) over this batch on all ranks."""
+        s = teacher.float().sum(0, keepdim=True)
+        n = torch.tensor([teacher.shape[0]], dtype=torch.float32, device=teacher.device)
+        if is_dist():
+            dist.all_reduce(s)
+            dist.all_reduce(n)
+        self.center.mul_(self.center_momentum).add_(s / n, alpha=1 - self.center_momentum)

@@ -1,0 +1,58 @@
+"""Projection heads: the DINO head (MLP -> L2-normalise -> weight-normalised prototypes)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation: W = g * v / ||v|| (row-wise).
+
+    Parameters are named ``weight_g`` [K, 1] and ``weight_v`` [K, in] as in the official DINO
+    heads. With ``fix_norm`` the gain stays 1 and receives no gradient (``norm_last_layer``).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fix_norm: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
+
+    @property
+    def weight(self) -> Tensor:
+        """Effective weight [K, in]."""
+        return self.weight_g * F.normalize(self.weight_v, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    """MLP in_dim -> hidden (x nlayers-1, GELU) -> bottleneck, L2-normalise, prototypes K.
+
+    Input [N, in_dim] -> logits [N, K]. ``last_layer`` holds the prototypes (frozen during
+    the first epoch(s) by the training loop: "freeze last layer").
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(nlayers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_norm=norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        return self.last_layer(z)

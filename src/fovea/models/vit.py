@@ -1,0 +1,297 @@
+"""Vision Transformer backbone (METHODS.md section 3).
+
+Token layout: ``[CLS, registers..., patches...]``. Parameter names follow the official
+DINOv2 backbones (``cls_token``, ``pos_embed``, ``register_tokens``, ``mask_token``,
+``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,
+mlp.fc2,ls2.gamma}``, ``norm``) so that released weights load without renaming.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# name -> (embed_dim, depth, num_heads, mlp_ratio)
+ARCHS: dict[str, tuple[int, int, int, float]] = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_giant": (1536, 40, 24, 4096 / 1536),
+}
+
+
+@dataclass
+class ViTConfig:
+    """Backbone hyper-parameters (the ``model`` section of a run config)."""
+
+    arch: str = "vit_small"
+    patch_size: int = 16
+    img_size: int = 224  # resolution the positional embedding is stored at
+    in_chans: int = 3
+    num_register_tokens: int = 0
+    drop_path_rate: float = 0.1
+    layerscale_init: float = 0.0  # 0 = no LayerScale (DINO v1); DINOv2 uses 1e-5
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    embed_dim: int = 0  # 0 = from arch
+    depth: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 0.0
+
+
+class PatchEmbed(nn.Module):
+    """Image [B, C, H, W] -> patch tokens [B, H/p * W/p, D] via a strided convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale ``gamma * x`` (Touvron et al.)."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on [B, N, D] using ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Softmax attention weights [B, heads, N, N] (for pictures; not used in training)."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        return ((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(-1)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP D -> hidden -> D."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Per-sample stochastic depth on a residual branch output [B, ...]; rescales kept samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 drop_path_rate: float, layerscale_init: float, norm_eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        p, t = self.drop_path_rate, self.training
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), attn_mask)), p, t)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), p, t)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning CLS, register and patch tokens.
+
+    ``forward_features(x [B,C,H,W], masks [B, Np] bool | None)`` returns a dict with
+    ``x_norm_clstoken`` [B, D], ``x_norm_regtokens`` [B, R, D], ``x_norm_patchtokens``
+    [B, Np, D], ``x_prenorm`` [B, 1+R+Np, D] and ``masks``. ``forward`` returns the CLS.
+    """
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {sorted(ARCHS)}")
+        d0, depth0, h0, r0 = ARCHS[cfg.arch]
+        dim, depth = cfg.embed_dim or d0, cfg.depth or depth0
+        heads, ratio = cfg.num_heads or h0, cfg.mlp_ratio or r0
+        self.cfg = cfg
+        self.embed_dim, self.depth, self.num_heads = dim, depth, heads
+        self.patch_size = cfg.patch_size
+        self.num_register_tokens = cfg.num_register_tokens
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"model.img_size {cfg.img_size} not divisible by patch_size {cfg.patch_size}")
+        grid = cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_register_tokens, dim))
+                                if cfg.num_register_tokens else None)
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        rates = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, ratio, cfg.qkv_bias, rates[i], cfg.layerscale_init, cfg.norm_eps)
+            for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Truncated-normal(0.02) for linear layers and embeddings, cls 1e-6 (DINOv2 style)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h_patches: int, w_patches: int) -> Tensor:
+        """Positional embedding [1, 1+h*w, D] for an h x w patch grid (bicubic; identity at the stored grid)."""
+        n = self.pos_embed.shape[1] - 1
+        g = int(math.isqrt(n))
+        if h_patches == g and w_patches == g:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        patch_pos = F.interpolate(patch_pos, size=(h_patches, w_patches), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, -1)
+        return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)
+
+    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Image [B,C,H,W] (+ bool masks [B,Np]) -> tokens [B, 1+R+Np, D].
+
+        Masked patches are replaced by the mask token BEFORE positions are added;
+        register tokens are inserted after the positional embedding.
+        """
+        b, _, h, w = x.shape
+        tokens = self.patch_embed(x)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(h // self.patch_size, w // self.patch_size)
+        if self.register_tokens is not None:
+            tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
+        return tokens
+
+    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor | None]:
+        """See the class docstring for the returned keys and shapes."""
+        t = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            t = blk(t)
+        return self._split(t, masks)
+
+    def _split(self, t: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
+        tn = self.norm(t)
+        r = self.num_register_tokens
+        return {"x_norm_clstoken": tn[:, 0], "x_norm_regtokens": tn[:, 1:1 + r],
+                "x_norm_patchtokens": tn[:, 1 + r:], "x_prenorm": t, "masks": masks}
+
+    def forward_features_list(self, xs: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None
+                              ) -> list[dict[str, Tensor | None]]:
+        """Multi-crop forward: crops with equal resolution are concatenated and run together.
+
+        ``xs`` is a list of [B_i, C, H_i, W_i] crops; returns one output dict per crop, in order.
+        """
+        masks = list(masks) if masks is not None else [None] * len(xs)
+        outs: list[dict[str, Tensor | None] | None] = [None] * len(xs)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+        for idx in groups.values():
+            x = torch.cat([xs[i] for i in idx])
+            ms = [masks[i] for i in idx]
+            m = None if all(v is None for v in ms) else torch.cat(
+                [v if v is not None else torch.zeros(xs[i].shape[0], x.shape[-2] * x.shape[-1] // self.patch_size ** 2,
+                                                     dtype=torch.bool, device=x.device) for i, v in zip(idx, ms)])
+            out = self.forward_features(x, m)
+            sizes = [xs[i].shape[0] for i in idx]
+            for key in out:
+                if out[key] is None:
+                    continue
+                for i, chunk in zip(idx, out[key].split(sizes)):  # type: ignore[union-attr]
+                    outs[i] = outs[i] or {}
+                    outs[i][key] = chunk  # type: ignore[index]
+            for i in idx:
+                outs[i].setdefault("masks", None)  # type: ignore[union-attr]
+        return outs  # type: ignore[return-value]
+
+    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True
+                                ) -> tuple[Tensor, ...] | tuple[tuple[Tensor, Tensor], ...]:
+        """Outputs of the last ``n`` blocks (or of the block indices in ``n``).
+
+        Each output is patch tokens [B, Np, D] (or [B, D, h, w] with ``reshape``), paired with
+        the CLS token [B, D] when ``return_class_token``. Register tokens are dropped.
+        """
+        take = set(range(self.depth - n, self.depth)) if isinstance(n, int) else set(n)
+        t = self.prepare_tokens(x)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            t = blk(t)
+            if i in take:
+                outs.append(t)
+        if norm:
+            outs = [self.norm(o) for o in outs]
+        r = self.num_register_tokens
+        cls = [o[:, 0] for o in outs]
+        patches = [o[:, 1 + r:] for o in outs]
+        if reshape:
+            b, _, h, w = x.shape
+            p = self.patch_size
+            patches = [o.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
+        if return_class_token:
+            return tuple(zip(patches, cls))
+        return tuple(patches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """CLS embedding [B, D]."""
+        return self.forward_features(x)["x_norm_clstoken"]  # type: ignore[return-value]
+
+
+def build_vit(cfg: ViTConfig) -> VisionTransformer:
+    """Construct a backbone from its config."""
+    return VisionTransformer(cfg)

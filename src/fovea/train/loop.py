@@ -1,0 +1,274 @@
+"""The one training loop shared by every method.
+
+Reads top to bottom: set-up (devices, data, method, optimizer, resume), then per step:
+schedules -> method.training_step -> backward -> freeze-last-layer / clip -> optimizer step ->
+teacher update -> logging, checkpoints and periodic k-NN.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fovea.config.loader import dump_yaml, to_dict
+from fovea.config.schema import RunConfig
+from fovea.data.augment import MultiCrop
+from fovea.data.loader import EpochBatchSampler, MultiCropDataset, make_train_loader
+from fovea.data.sources import build_source, probe_source
+from fovea.eval.knn import evaluate_knn
+from fovea.hub.backbone import export_backbone
+from fovea.methods.base import Method, StepValues
+from fovea.methods.dino import build_method
+from fovea.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fovea.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from fovea.train.logging import MetricLogger
+from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients, scaled_lr
+from fovea.train.schedules import cosine_schedule, linear_warmup_constant
+
+
+@dataclass
+class Plan:
+    """Step counts derived from the config and the data set size."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    teacher_temp_warmup_steps: int
+    freeze_last_layer_steps: int
+    checkpoint_every: int
+    eval_every: int
+    peak_lr: float
+
+
+def make_plan(cfg: RunConfig, n_images: int, world: int) -> Plan:
+    """Turn epoch-based durations into step counts for this data set and world size."""
+    spe = EpochBatchSampler.steps_per_epoch(n_images, cfg.data.batch_size, world)
+    if spe == 0:
+        raise ValueError(f"data set has {n_images} images, fewer than one global batch "
+                         f"({cfg.data.batch_size} x {world} ranks); lower data.batch_size")
+    o = cfg.optim
+    total = o.max_steps or max(1, round(o.epochs * spe))
+    ep = lambda e: int(round(e * spe))  # noqa: E731
+    return Plan(spe, total, min(ep(o.warmup_epochs), total), ep(cfg.dino.warmup_teacher_temp_epochs),
+                ep(o.freeze_last_layer_epochs), cfg.train.checkpoint_every_steps or spe,
+                ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world))
+
+
+def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
+    """All scheduled hyper-parameters at ``step`` (per-iteration schedules, METHODS.md section 0)."""
+    o, d = cfg.optim, cfg.dino
+    return StepValues(
+        step=step, epoch=step / plan.steps_per_epoch,
+        lr=cosine_schedule(step, plan.total_steps, plan.peak_lr, o.min_lr, plan.warmup_steps),
+        weight_decay=cosine_schedule(step, plan.total_steps, o.weight_decay, o.weight_decay_end),
+        momentum=cosine_schedule(step, plan.total_steps, o.momentum_teacher, o.momentum_teacher_end),
+        teacher_temp=linear_warmup_constant(step, plan.teacher_temp_warmup_steps, d.warmup_teacher_temp, d.teacher_temp),
+        freeze_last_layer=step < plan.freeze_last_layer_steps)
+
+
+class Trainer:
+    """Holds the state of one run; :meth:`fit` trains to the end and returns the results dict."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.info, self.device = init_distributed(cfg.train.device)
+        self.out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.info.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_yaml(cfg))
+        barrier(self.info)
+        self.source = build_source(cfg.data.train)
+        probe_source(self.source)
+        self.dataset = MultiCropDataset(self.source, MultiCrop(cfg.crops), cfg.train.seed)
+        self.plan = make_plan(cfg, len(self.source), self.info.world)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.method: Method = build_method(cfg).to(self.device)
+        self.optimizer = build_optimizer(self.method.student, cfg.optim)
+        self.params = [p for p in self.method.student.parameters() if p.requires_grad]
+        self.frozen_ids = {id(p) for p in self.method.last_layer_params()}
+        if self.info.world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                self.method.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.method.set_student_wrapper(ddp)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.step = 0
+        self.skipped = 0
+        self.logger = MetricLogger(self.out, enabled=self.info.is_main)
+        self.results: dict = {"knn": {}}
+        torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # per-rank stream for drop-path etc.
+        self._maybe_resume()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _maybe_resume(self) -> None:
+        last = self.ckpt_dir / "last.pt"
+        if not (self.cfg.train.resume and last.exists()):
+            return
+        ckpt = load_checkpoint(last)
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.skipped = int(ckpt.get("skipped", 0))
+        self.results = ckpt.get("results", self.results)
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        self.logger.truncate_after(self.step)
+        if self.info.is_main:
+            print(f"[fovea] resumed from {last} at step {self.step}/{self.plan.total_steps}", flush=True)
+
+    def save(self, final: bool = False) -> None:
+        """Atomically write ``last.pt`` (and a step copy) with everything needed to resume exactly."""
+        rng = [rng_state()]
+        if self.info.world > 1:
+            gathered: list = [None] * self.info.world
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if not self.info.is_main:
+            return
+        state = {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "rng": rng, "skipped": self.skipped, "results": self.results,
+                 "config": to_dict(self.cfg)}
+        save_atomic(state, self.ckpt_dir / "last.pt")
+        if self.cfg.train.keep_checkpoints > 0 and not final:
+            save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
+            olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.train.keep_checkpoints]
+            for o in olds:
+                o.unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- evaluation
+    def knn(self, tag: str) -> dict | None:
+        """k-NN of the evaluation backbone on the configured labelled splits (main rank)."""
+        c = self.cfg
+        if c.data.eval_train is None or c.data.eval_test is None:
+            return None
+        res = None
+        if self.info.is_main:
+            t0 = time.time()
+            kinds = list(dict.fromkeys([c.eval.knn.features, *c.eval.knn.report]))
+            res = evaluate_knn(self.method.eval_backbone(), build_source(c.data.eval_train),
+                               build_source(c.data.eval_test), c.eval.knn.ks, c.eval.knn.temperature, kinds,
+                               c.data.eval_size or c.crops.global_size, self.device, c.eval.batch_size,
+                               min(c.data.num_workers, 2), c.crops.mean, c.crops.std, c.train.progress)
+            res["seconds"] = round(time.time() - t0, 1)
+            res["step"] = self.step
+            self.results["knn"][tag] = res
+            flat = {f"knn/{kind}/{k}": v for kind, accs in res["features"].items() for k, v in accs.items()}
+            self.logger.log(self.step, flat)
+            main = res["features"][c.eval.knn.features]
+            print(f"[fovea] k-NN ({tag}, step {self.step}, {c.eval.knn.features}): "
+                  + ", ".join(f"{k} {v:.2f}%" for k, v in main.items()) + f"  [{res['seconds']}s]", flush=True)
+        barrier(self.info)
+        return res
+
+    # ----------------------------------------------------------------- training
+    def train_step(self, batch: dict, sv: StepValues) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns the logged scalars of this rank."""
+        apply_hparams(self.optimizer, sv.lr, sv.weight_decay)
+        batch["crops"] = [x.to(self.device, non_blocking=True) for x in batch["crops"]]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, logs = self.method.training_step(batch, sv)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}; "
+                                     "lower optim.lr, raise dino.teacher_temp or use train.precision=fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if sv.freeze_last_layer:
+            for p in self.params:
+                if id(p) in self.frozen_ids:
+                    p.grad = None
+        gnorm = clip_gradients(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        self.optimizer.step()
+        self.method.update_teacher(sv.momentum)
+        out = {k: float(v) for k, v in logs.items()}
+        out.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, "momentum": sv.momentum,
+                    "teacher_temp": sv.teacher_temp})
+        return out
+
+    def fit(self) -> dict:
+        """Train to ``plan.total_steps`` (resuming if a checkpoint exists); returns the results."""
+        c, plan = self.cfg, self.plan
+        if self.info.is_main:
+            print(f"[fovea] run folder: {self.out.resolve()}\n[fovea] data: {self.source.name} "
+                  f"({len(self.source)} images), {plan.steps_per_epoch} steps/epoch x "
+                  f"{plan.total_steps / plan.steps_per_epoch:.2f} epochs = {plan.total_steps} steps, global batch "
+                  f"{c.data.batch_size * self.info.world}, device {self.device}, ranks {self.info.world}", flush=True)
+        if self.step == 0 and c.eval.at_start and "start" not in self.results["knn"]:
+            self.knn("start")
+        self.method.train()
+        bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (c.train.progress and self.info.is_main))
+        t_start, n_imgs, t_last = time.time(), 0, time.time()
+        while self.step < plan.total_steps:
+            epoch, pos = divmod(self.step, plan.steps_per_epoch)
+            loader = make_train_loader(self.dataset, c.data.batch_size, self.info.rank, self.info.world,
+                                       c.train.seed, epoch, pos, c.data.num_workers,
+                                       pin_memory=self.device.type == "cuda")
+            for batch in loader:
+                self.skipped += int(batch["skipped"])
+                sv = step_values(c, plan, self.step)
+                logs = self.train_step(batch, sv)
+                self.step += 1
+                n_imgs += c.data.batch_size * self.info.world
+                bar.update(1)
+                if self.step % c.train.log_every_steps == 0 or self.step == plan.total_steps:
+                    logs = all_reduce_mean(logs, self.info)
+                    now = time.time()
+                    logs["images_per_s"] = n_imgs / max(now - t_last, 1e-9)
+                    logs["epoch"] = self.step / plan.steps_per_epoch
+                    logs["skipped_images"] = self.skipped
+                    n_imgs, t_last = 0, now
+                    self.logger.log(self.step, logs)
+                    bar.set_postfix(loss=f"{logs.get('loss/dino', float('nan')):.4f}", lr=f"{sv.lr:.2e}",
+                                    ips=f"{logs['images_per_s']:.0f}")
+                if self.step % plan.checkpoint_every == 0 and self.step < plan.total_steps:
+                    self.save()
+                if plan.eval_every and self.step % plan.eval_every == 0 and self.step < plan.total_steps:
+                    self.knn(f"step{self.step}")
+                    self.method.train()
+                if self.step >= plan.total_steps:
+                    break
+        bar.close()
+        train_minutes = (time.time() - t_start) / 60
+        if c.eval.at_end:
+            self.knn("end")
+        self.results.update({"steps": self.step, "skipped_images": self.skipped,
+                             "train_minutes_this_session": round(train_minutes, 2)})
+        self.save(final=True)
+        if self.info.is_main:
+            export_backbone(self.method.eval_backbone(), self.out,
+                            extra={"crops": {"mean": c.crops.mean, "std": c.crops.std,
+                                             "global_size": c.crops.global_size}, "source_run": str(self.out)})
+            (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+            self._summary(train_minutes)
+        self.logger.close()
+        cleanup()
+        return self.results
+
+    def _summary(self, minutes: float) -> None:
+        c, knn = self.cfg, self.results["knn"]
+        lines = [f"[fovea] done: {self.step} steps, {minutes:.1f} min of training in this session"]
+        if self.skipped:
+            lines.append(f"[fovea] skipped {self.skipped} unreadable images (replaced by the next readable one)")
+        for tag in ("start", "end"):
+            if tag in knn:
+                accs = knn[tag]["features"][c.eval.knn.features]
+                lines.append(f"[fovea] k-NN {tag:5s} ({c.eval.knn.features}): "
+                             + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
+        lines += [f"[fovea] resolved config: {self.out / 'config.yaml'}",
+                  f"[fovea] checkpoint:      {self.ckpt_dir / 'last.pt'}",
+                  f"[fovea] backbone:        {self.out / 'backbone.safetensors'}",
+                  f"[fovea] metrics:         {self.out / 'metrics.jsonl'} (TensorBoard: {self.out / 'tensorboard'})",
+                  f"[fovea] results:         {self.out / 'results.json'}"]
+        print("\n".join(lines), flush=True)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) training for ``cfg``; returns the results dict."""
+    return Trainer(cfg).fit()
+
