@@ -37,6 +37,8 @@ class DINO(Method):
         backbone = VisionTransformer(cfg.model)
         d = cfg.dino
         head = DINOHead(backbone.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer)
+        # Plain DINO never masks its inputs: the mask token takes no part (and must not, for DDP).
+        backbone.mask_token.requires_grad_(False)
         self.student = Student(backbone, head)
         # The teacher is a separate deep copy (never aliased), without stochastic depth, frozen, eval mode.
         self.teacher = copy.deepcopy(self.student)

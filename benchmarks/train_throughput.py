@@ -1,0 +1,609 @@
+#!/usr/bin/env python
+"""Training-step throughput of a fovea preset: images/s, achieved GFLOP/s, fraction of matmul peak.
+
+Runs the real training step (``fovea.train.loop.Trainer.train_step``: schedules -> teacher and
+student forward -> DINO loss -> backward -> freeze-last-layer -> gradient clipping -> AdamW step ->
+EMA teacher update) on a method/optimizer built exactly as the Trainer builds them, but without a
+run folder, checkpoints, logging or k-NN. By default the batches are random uint8 crops with the
+preset's crop sizes (data loading excluded); ``--real-data`` iterates the preset's real loader.
+
+It also measures the machine's fp32 matmul rate (square matmuls and the model's own MLP shapes)
+and counts the FLOPs of one step both analytically and with ``torch.utils.flop_counter``.
+
+Examples::
+
+    python benchmarks/train_throughput.py                                   # dino_vittiny_fmnist, 10 steps
+    python benchmarks/train_throughput.py dino_vittiny_fmnist --steps 2 --warmup 1 model.depth=2
+    python benchmarks/train_throughput.py --compare data.batch_size=32,64,128 --steps 3
+    python benchmarks/train_throughput.py my_run.yaml --device cuda --real-data
+
+See benchmarks/README.md for the meaning of every reported figure.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fovea.config.loader import load_config
+from fovea.config.schema import RunConfig
+from fovea.methods.dino import build_method
+from fovea.models.vit import ARCHS
+from fovea.train.loop import Trainer, make_plan, step_values
+from fovea.train.optim import build_optimizer
+
+DEFAULT_PRESET = "dino_vittiny_fmnist"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SQUARE_SIZES = {"cpu": [1024, 2048], "cuda": [4096, 8192]}
+NOMINAL_STEPS_PER_EPOCH = 1000  # synthetic mode: data-set size assumed for the schedules
+
+
+# ============================================================================ device / memory helpers
+
+def resolve_device(pref: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cpu``; ``cuda`` / ``cuda:N``."""
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {pref}: CUDA is not available in this torch ({torch.__version__})")
+        idx = int(pref.split(":")[1]) if ":" in pref else 0
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    if pref != "cpu":
+        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {pref!r}")
+    return torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine()) + f" ({os.cpu_count()} logical CPUs)"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def current_rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+# ============================================================================ matmul peak
+
+def matmul_gflops(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,
+                  min_time: float = 0.5, min_chunks: int = 3) -> float:
+    """Best GFLOP/s of ``[m,k] @ [k,n]`` (2*m*k*n flops per call) over timed chunks of calls."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    c = torch.empty(m, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=c)  # warm-up (allocations, kernel selection)
+    sync(device)
+    t0 = time.perf_counter()
+    torch.mm(a, b, out=c)
+    sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(0.05 / one))  # ~50 ms per timed chunk
+    best, spent, chunks = math.inf, 0.0, 0
+    while chunks < min_chunks or spent < min_time:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+        sync(device)
+        dt = time.perf_counter() - t0
+        best, spent, chunks = min(best, dt / inner), spent + dt, chunks + 1
+        if chunks >= 50:
+            break
+    return 2.0 * m * k * n / best / 1e9
+
+
+def mlp_hidden(cfg: RunConfig) -> tuple[int, int, int, int]:
+    """(embed_dim D, depth, heads, mlp hidden) of the backbone, resolved from arch + overrides."""
+    m = cfg.model
+    d0, depth0, h0, r0 = ARCHS[m.arch]
+    d, depth, heads, ratio = m.embed_dim or d0, m.depth or depth0, m.num_heads or h0, m.mlp_ratio or r0
+    return d, depth, heads, int(d * ratio)
+
+
+def tokens_per_crop(cfg: RunConfig, size: int) -> int:
+    return 1 + cfg.model.num_register_tokens + (size // cfg.model.patch_size) ** 2
+
+
+def measure_matmul_peak(device: torch.device, sizes: list[int], min_time: float,
+                        step_dtype: torch.dtype) -> dict[str, Any]:
+    """fp32 square-matmul rates (and, when the step runs in bf16, bf16 ones too)."""
+    out: dict[str, Any] = {"dtype": "fp32", "square_gflops": {}}
+    for n in sizes:
+        out["square_gflops"][str(n)] = round(matmul_gflops(n, n, n, device, torch.float32, min_time), 1)
+    out["best_gflops"] = max(out["square_gflops"].values())
+    if step_dtype == torch.bfloat16:
+        out["bf16_square_gflops"] = {str(n): round(matmul_gflops(n, n, n, device, torch.bfloat16, min_time), 1)
+                                     for n in sizes}
+        out["bf16_best_gflops"] = max(out["bf16_square_gflops"].values())
+    return out
+
+
+def measure_model_shapes(cfg: RunConfig, device: torch.device, dtype: torch.dtype, min_time: float
+                         ) -> dict[str, Any]:
+    """Rate of the backbone's MLP fc1 matmul [B*N, D] x [D, 4D] for the global and the local crop group."""
+    d, _, _, hid = mlp_hidden(cfg)
+    b, c = cfg.data.batch_size, cfg.crops
+    groups = {"global": 2 * b * tokens_per_crop(cfg, c.global_size)}
+    if c.n_local:
+        groups["local"] = c.n_local * b * tokens_per_crop(cfg, c.local_size)
+    res = {}
+    for name, rows in groups.items():
+        res[f"{name}_fc1"] = {"shape": f"[{rows}, {d}] x [{d}, {hid}]",
+                              "gflops": round(matmul_gflops(rows, d, hid, device, dtype, min_time), 1)}
+    return res
+
+
+# ============================================================================ FLOP counting
+
+def analytic_flops(cfg: RunConfig) -> dict[str, Any]:
+    """FLOPs of one training step from the config alone (multiply-add = 2 FLOPs; matmuls/convs only).
+
+    Per crop of size S (N = 1 + registers + (S/p)^2 tokens, width D, MLP hidden H, depth L):
+      backbone forward = patch-embed conv 2*(S/p)^2*(C*p*p)*D
+                       + L * [2*N*(3D^2 + D^2 + 2*D*H)  (qkv, proj, fc1, fc2)
+                              + 2*2*N^2*D]              (q k^T and attn v)
+      head forward     = DINO MLP on the CLS token + the prototype layer (bottleneck x K).
+    Step = teacher forward on the 2 global crops (1x) + student forward and backward on all crops
+    (3x forward), except the student's patch embedding, whose input needs no gradient (2x).
+    Element-wise work (norms, GELU, softmax, optimizer, EMA) is not counted.
+    """
+    d, depth, _, hid = mlp_hidden(cfg)
+    m, h, c = cfg.model, cfg.dino, cfg.crops
+    p, C = m.patch_size, m.in_chans
+
+    def patch(size: int) -> int:
+        return 2 * (size // p) ** 2 * (C * p * p) * d
+
+    def blocks(size: int) -> int:
+        n = tokens_per_crop(cfg, size)
+        return depth * (2 * n * (3 * d * d + d * d + 2 * d * hid) + 2 * 2 * n * n * d)
+
+    nl = max(h.nlayers, 1)
+    if nl == 1:
+        head_mlp = 2 * d * h.bottleneck_dim
+    else:
+        head_mlp = 2 * (d * h.hidden_dim + (nl - 2) * h.hidden_dim ** 2 + h.hidden_dim * h.bottleneck_dim)
+    head = head_mlp + 2 * h.bottleneck_dim * h.out_dim
+
+    b = cfg.data.batch_size
+    n_g, n_l = 2 * b, c.n_local * b  # crops per step in each group
+    per_crop = {"global": {"patch_embed": patch(c.global_size), "blocks": blocks(c.global_size), "head": head},
+                "local": {"patch_embed": patch(c.local_size), "blocks": blocks(c.local_size), "head": head}}
+    fwd = {k: sum(v.values()) for k, v in per_crop.items()}
+    teacher = n_g * fwd["global"]
+    student_fwd = n_g * fwd["global"] + n_l * fwd["local"]
+    student_patch = n_g * per_crop["global"]["patch_embed"] + n_l * per_crop["local"]["patch_embed"]
+    student_bwd = 2 * student_fwd - student_patch  # no input gradient for the patch-embed conv
+    return {"per_crop_forward": per_crop, "teacher_forward": teacher, "student_forward": student_fwd,
+            "student_backward": student_bwd, "total": teacher + student_fwd + student_bwd}
+
+
+def _cpu_sdpa_mapping() -> dict:
+    """FlopCounterMode formulas for the CPU flash-attention kernels when torch lacks them."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    mapping: dict = {}
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        mapping[fwd] = lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)
+    if bwd is not None and bwd not in fc.flop_registry:
+        mapping[bwd] = lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)
+    return mapping
+
+
+# ============================================================================ the step
+
+def make_stepper(cfg: RunConfig, device: torch.device) -> Trainer:
+    """A Trainer with exactly the state ``Trainer.train_step`` uses, built as ``Trainer.__init__`` builds it,
+    but without a run folder, data source, logger or resume (nothing is written)."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    t = object.__new__(Trainer)
+    t.cfg = cfg
+    t.device = device
+    torch.manual_seed(cfg.train.seed)
+    t.method = build_method(cfg).to(device)
+    t.optimizer = build_optimizer(t.method.student, cfg.optim)
+    t.params = [p for p in t.method.student.parameters() if p.requires_grad]
+    t.frozen_ids = {id(p) for p in t.method.last_layer_params()}
+    t.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    t.step = 0
+    t.skipped = 0
+    torch.manual_seed(cfg.train.seed + 1)
+    t.method.train()
+    return t
+
+
+def synthetic_crops(cfg: RunConfig, device: torch.device) -> list[torch.Tensor]:
+    """Random uint8 crops [B, C, S, S]: 2 global + n_local local, already on the device."""
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    b, c, ch = cfg.data.batch_size, cfg.crops, cfg.model.in_chans
+    sizes = [c.global_size] * 2 + [c.local_size] * c.n_local
+    return [torch.randint(0, 256, (b, ch, s, s), generator=g, dtype=torch.uint8).to(device) for s in sizes]
+
+
+def param_counts(t: Trainer) -> dict[str, int]:
+    s = t.method.student
+
+    def n(mod: torch.nn.Module, trainable: bool = False) -> int:
+        return sum(p.numel() for p in mod.parameters() if p.requires_grad or not trainable)
+
+    return {"student_backbone": n(s.backbone), "student_head": n(s.head), "student_total": n(s),
+            "student_trainable": n(s, True), "teacher_total": n(t.method.teacher)}
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak: dict[str, Any]
+            ) -> dict[str, Any]:
+    """Build, warm up, count FLOPs and time ``args.steps`` training steps of ``cfg``."""
+    rss_before = current_rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t = make_stepper(cfg, device)
+    step_dtype = torch.bfloat16 if t.bf16 else torch.float32
+    b = cfg.data.batch_size
+
+    # ---- batches
+    real = not args.synthetic
+    if real:
+        from fovea.data.augment import MultiCrop
+        from fovea.data.loader import MultiCropDataset, make_train_loader
+        from fovea.data.sources import build_source, probe_source
+        source = build_source(cfg.data.train)
+        probe_source(source)
+        dataset = MultiCropDataset(source, MultiCrop(cfg.crops), cfg.train.seed)
+        plan = make_plan(cfg, len(source), 1)
+        state = {"epoch": 0, "it": None}
+
+        def next_batch() -> dict:
+            while True:
+                if state["it"] is None:
+                    state["it"] = iter(make_train_loader(dataset, b, 0, 1, cfg.train.seed, state["epoch"], 0,
+                                                         cfg.data.num_workers, pin_memory=device.type == "cuda"))
+                try:
+                    return next(state["it"])
+                except StopIteration:
+                    state["it"], state["epoch"] = None, state["epoch"] + 1
+    else:
+        plan = make_plan(cfg, b * NOMINAL_STEPS_PER_EPOCH, 1)
+        crops = synthetic_crops(cfg, device)
+
+        def next_batch() -> dict:
+            return {"crops": list(crops), "skipped": 0}
+
+    step = args.start_step if args.start_step is not None else plan.freeze_last_layer_steps
+
+    def one_step() -> tuple[float, float, dict]:
+        nonlocal step
+        t0 = time.perf_counter()
+        batch = next_batch()
+        t1 = time.perf_counter()
+        sv = step_values(cfg, plan, step)
+        t.step = step
+        logs = t.train_step(batch, sv)
+        sync(device)
+        t2 = time.perf_counter()
+        step += 1
+        return t2 - t1, t2 - t0, logs
+
+    for _ in range(args.warmup):
+        one_step()
+
+    # ---- FLOPs: analytic, and FlopCounterMode on one extra (untimed) step
+    ana = analytic_flops(cfg)
+    counted, counter_error = None, None
+    if not args.no_flop_counter:
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as fcm:
+                one_step()
+            counted = int(fcm.get_total_flops())
+        except Exception as e:  # noqa: BLE001 - report and fall back to the analytic count
+            counter_error = f"{type(e).__name__}: {e}"
+    use_counter = bool(counted)
+    flops = counted if use_counter else ana["total"]
+
+    # ---- timed steps
+    compute, total, logs = [], [], {}
+    for _ in range(args.steps):
+        c_s, t_s, logs = one_step()
+        compute.append(c_s)
+        total.append(t_s)
+    st = _stats(compute)
+    ips = b / st["mean"]
+    gflops = flops / st["mean"] / 1e9
+    ref_peak = peak.get("bf16_best_gflops") if step_dtype == torch.bfloat16 else peak["best_gflops"]
+
+    tok_g, tok_l = tokens_per_crop(cfg, cfg.crops.global_size), tokens_per_crop(cfg, cfg.crops.local_size)
+    d, depth, heads, hid = mlp_hidden(cfg)
+    res: dict[str, Any] = {
+        "preset": cfg.name, "overrides": list(args.all_overrides),
+        "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "precision": "bf16" if t.bf16 else "fp32",
+        "data": "real" if real else "synthetic",
+        "model": {"arch": cfg.model.arch, "embed_dim": d, "depth": depth, "num_heads": heads, "mlp_hidden": hid,
+                  "patch_size": cfg.model.patch_size, "registers": cfg.model.num_register_tokens,
+                  "head": {"out_dim": cfg.dino.out_dim, "hidden_dim": cfg.dino.hidden_dim,
+                           "bottleneck_dim": cfg.dino.bottleneck_dim, "nlayers": cfg.dino.nlayers}},
+        "batch_size": b,
+        "crops": {"global": 2, "local": cfg.crops.n_local, "global_size": cfg.crops.global_size,
+                  "local_size": cfg.crops.local_size},
+        "tokens_per_image": {"global_crop": tok_g, "local_crop": tok_l if cfg.crops.n_local else 0,
+                             "student": 2 * tok_g + cfg.crops.n_local * tok_l, "teacher": 2 * tok_g},
+        "params": param_counts(t),
+        "steps": args.steps, "warmup": args.warmup, "first_timed_step": step - args.steps,
+        "step_time_s": st, "step_times_s": compute,
+        "images_per_s": ips,
+        "crops_per_s": ips * (2 + cfg.crops.n_local),
+        "flops_per_step": flops,
+        "flops_source": "flop_counter" if use_counter else "analytic",
+        "flops": {"analytic": ana["total"], "flop_counter": counted,
+                  "counter_over_analytic": (counted / ana["total"]) if counted else None,
+                  "agree_within_10pct": (abs(counted / ana["total"] - 1) <= 0.10) if counted else None,
+                  "counter_error": counter_error, "analytic_breakdown": ana},
+        "gflops": gflops,
+        "matmul_peak": peak,
+        "frac_of_peak": gflops / ref_peak if ref_peak else None,
+        "frac_of_peak_reference": ("bf16" if step_dtype == torch.bfloat16 else "fp32") + " square-matmul best",
+        "last_loss": logs.get("loss/dino"),
+    }
+    if real:
+        tt = _stats(total)
+        res["step_time_with_data_s"] = tt
+        res["images_per_s_with_data"] = b / tt["mean"]
+        res["data_wait_s_mean"] = tt["mean"] - st["mean"]
+        res["num_workers"] = cfg.data.num_workers
+    if args.model_shapes:
+        res["model_shape_matmul"] = measure_model_shapes(cfg, device, step_dtype, args.matmul_time)
+    if device.type == "cuda":
+        res["peak_memory"] = {"kind": "torch.cuda.max_memory_allocated",
+                              "bytes": torch.cuda.max_memory_allocated(device),
+                              "mib": mib(torch.cuda.max_memory_allocated(device)),
+                              "host_peak_rss_mib": mib(peak_rss_bytes())}
+    else:
+        res["peak_memory"] = {"kind": "ru_maxrss (process peak RSS)", "bytes": peak_rss_bytes(),
+                              "mib": mib(peak_rss_bytes()), "rss_before_build_mib": mib(rss_before)}
+    del t
+    gc.collect()
+    return res
+
+
+# ============================================================================ reporting
+
+def _fmt_flops(x: float | None) -> str:
+    return "-" if not x else f"{x / 1e9:,.2f} GFLOP"
+
+
+def print_table(r: dict[str, Any]) -> None:
+    st, fl, pk = r["step_time_s"], r["flops"], r["matmul_peak"]
+    square = ", ".join(f"n={n}: {v:,.1f}" for n, v in pk["square_gflops"].items())
+    rows = [
+        ("preset", f"{r['preset']}  {' '.join(r['overrides'])}".rstrip()),
+        ("device", f"{r['device']} - {r['device_name']}"),
+        ("torch / threads / precision", f"{r['torch']} / {r['threads']} / {r['precision']}"),
+        ("data", r["data"]),
+        ("model", f"{r['model']['arch']} D={r['model']['embed_dim']} depth={r['model']['depth']} "
+                  f"heads={r['model']['num_heads']} patch={r['model']['patch_size']}, "
+                  f"head K={r['model']['head']['out_dim']}"),
+        ("params (student / trainable)", f"{r['params']['student_total']:,} / {r['params']['student_trainable']:,} "
+                                         f"(backbone {r['params']['student_backbone']:,})"),
+        ("batch x crops", f"{r['batch_size']} x (2 x {r['crops']['global_size']}px + "
+                          f"{r['crops']['local']} x {r['crops']['local_size']}px)"),
+        ("tokens / image (student)", f"{r['tokens_per_image']['student']} "
+                                     f"(global crop {r['tokens_per_image']['global_crop']}, "
+                                     f"local crop {r['tokens_per_image']['local_crop']})"),
+        ("timed steps (warm-up)", f"{r['steps']} ({r['warmup']})"),
+        ("step time", f"{st['mean'] * 1e3:,.1f} ms +- {st['std'] * 1e3:,.1f} "
+                      f"(median {st['median'] * 1e3:,.1f}, min {st['min'] * 1e3:,.1f})"),
+        ("images/s", f"{r['images_per_s']:,.1f}  ({r['crops_per_s']:,.0f} crops/s)"),
+    ]
+    if "images_per_s_with_data" in r:
+        rows.append(("images/s incl. data loading",
+                     f"{r['images_per_s_with_data']:,.1f}  (data wait {r['data_wait_s_mean'] * 1e3:,.1f} ms/step, "
+                     f"{r['num_workers']} workers)"))
+    agree = "" if fl["counter_over_analytic"] is None else \
+        f"  counter/analytic = {fl['counter_over_analytic']:.3f}"
+    rows += [
+        ("FLOPs / step", f"{_fmt_flops(r['flops_per_step'])} ({r['flops_source']})"),
+        ("  FlopCounterMode / analytic", f"{_fmt_flops(fl['flop_counter'])} / {_fmt_flops(fl['analytic'])}{agree}"),
+        ("achieved", f"{r['gflops']:,.1f} GFLOP/s"),
+        ("matmul peak fp32 (GFLOP/s)", square),
+    ]
+    if "bf16_square_gflops" in pk:
+        rows.append(("matmul peak bf16 (GFLOP/s)",
+                     ", ".join(f"n={n}: {v:,.1f}" for n, v in pk["bf16_square_gflops"].items())))
+    for name, v in r.get("model_shape_matmul", {}).items():
+        rows.append((f"matmul {name}", f"{v['gflops']:,.1f} GFLOP/s  {v['shape']}"))
+    if r["frac_of_peak"] is not None:
+        rows.append(("fraction of peak", f"{100 * r['frac_of_peak']:.1f}% of {r['frac_of_peak_reference']}"))
+    pm = r["peak_memory"]
+    rows.append(("peak memory", f"{pm['mib']:,.1f} MiB ({pm['kind']})"))
+    if fl["counter_error"]:
+        rows.append(("FlopCounterMode error", fl["counter_error"]))
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"  {k:<{w}}  {v}" for k, v in rows), flush=True)
+
+
+def print_compare(key: str, runs: list[tuple[str, dict[str, Any]]]) -> None:
+    head = (f"{key:>20}  {'img/s':>9}  {'step ms':>9}  {'+-':>7}  {'GFLOP/step':>10}  {'GFLOP/s':>8}  "
+            f"{'% peak':>6}  {'peak MiB':>9}")
+    print(head)
+    print("-" * len(head))
+    for v, r in runs:
+        st = r["step_time_s"]
+        frac = "-" if r["frac_of_peak"] is None else f"{100 * r['frac_of_peak']:.1f}"
+        print(f"{v:>20}  {r['images_per_s']:9.1f}  {st['mean'] * 1e3:9.1f}  {st['std'] * 1e3:7.1f}  "
+              f"{r['flops_per_step'] / 1e9:10.2f}  {r['gflops']:8.1f}  {frac:>6}  {r['peak_memory']['mib']:9.1f}")
+
+
+# ============================================================================ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_throughput.py",
+        description="Measure the training step of a fovea preset: images/s, step time, achieved GFLOP/s "
+                    "(analytic and FlopCounterMode FLOP counts), fraction of the measured matmul peak and "
+                    "peak memory. Prints a table and writes a JSON file. Nothing is written to runs/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("preset", nargs="?", default=DEFAULT_PRESET,
+                   help="preset name (see `fovea presets`) or path to a YAML run config")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="config overrides key.sub=value, as for `fovea train` (e.g. model.depth=6 data.batch_size=64)")
+    p.add_argument("--steps", type=int, default=10, help="number of timed training steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps before the FLOP-count step and timing")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="override data.batch_size (images per step; each gives 2 global + n_local crops)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="where to write the results; default benchmarks/results/train_throughput_<preset>_<device>"
+                        "[_compare_<key>].json; 'none' to skip")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--synthetic", dest="synthetic", action="store_true", default=True,
+                      help="random uint8 crops with the preset's crop sizes, made once on the device "
+                           "(data loading and host-to-device copies excluded)")
+    data.add_argument("--real-data", dest="synthetic", action="store_false",
+                      help="iterate the preset's real multi-crop loader (data.train, data.num_workers) and also "
+                           "report the data-inclusive images/s")
+    p.add_argument("--compare", default=None, metavar="KEY=V1,V2,...",
+                   help="repeat the measurement for each value of one config key and print a row per value")
+    p.add_argument("--start-step", type=int, default=None,
+                   help="schedule step of the first warm-up step (lr, wd, momentum, teacher temperature); "
+                        "default: the first step after the freeze-last-layer phase")
+    p.add_argument("--matmul-sizes", default=None, metavar="N1,N2",
+                   help="square matmul sizes for the peak rate; default 1024,2048 on CPU, 4096,8192 on CUDA")
+    p.add_argument("--matmul-time", type=float, default=0.5,
+                   help="seconds spent timing each matmul shape (best chunk is kept)")
+    p.add_argument("--no-model-shapes", dest="model_shapes", action="store_false",
+                   help="skip timing the model's own fc1 matmul shapes [B*N, D] x [D, 4D]")
+    p.add_argument("--no-flop-counter", action="store_true",
+                   help="skip the FlopCounterMode step and use the analytic FLOP count")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_intermixed_args(argv)
+    if "=" in args.preset and not Path(args.preset).exists():  # only overrides were given
+        args.overrides = [args.preset, *args.overrides]
+        args.preset = DEFAULT_PRESET
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.compare is not None and ("=" not in args.compare or not args.compare.split("=", 1)[1]):
+        p.error("--compare must look like key.sub=V1,V2")
+    return args
+
+
+def _split_values(text: str) -> list[str]:
+    """``"1,2,[a,b],3"`` -> ['1', '2', '[a,b]', '3'] (commas inside brackets are kept)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
+def default_json(preset: str, device: torch.device, compare: str | None) -> Path:
+    stem = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+    name = f"train_throughput_{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}_{device.type}"
+    if compare:
+        name += "_compare_" + re.sub(r"[^A-Za-z0-9_.-]", "_", compare.split("=", 1)[0])
+    return RESULTS_DIR / f"{name}.json"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what is written to the JSON file."""
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.batch_size={args.batch_size}"] if args.batch_size else [])
+    variants: list[tuple[str | None, list[str]]] = [(None, overrides)]
+    if args.compare:
+        key, vals = args.compare.split("=", 1)
+        variants = [(v, overrides + [f"{key}={v}"]) for v in _split_values(vals)]
+    cfgs = [(v, ov, load_config(args.preset, ov)) for v, ov in variants]  # fail on bad keys before any work
+    device = resolve_device(args.device)
+    if cfgs[0][2].train.threads > 0:
+        torch.set_num_threads(cfgs[0][2].train.threads)
+    bf16 = any(c.train.precision == "bf16" or (c.train.precision == "auto" and device.type == "cuda")
+               for _, _, c in cfgs)
+    sizes = ([int(s) for s in args.matmul_sizes.split(",")] if args.matmul_sizes
+             else SQUARE_SIZES[device.type])
+    print(f"[bench] {args.preset} on {device} ({device_name(device)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; measuring matmul peak {sizes} ...", flush=True)
+    peak = measure_matmul_peak(device, sizes, args.matmul_time, torch.bfloat16 if bf16 else torch.float32)
+
+    runs = []
+    for v, ov, cfg in cfgs:
+        args.all_overrides = ov
+        label = f" [{args.compare.split('=', 1)[0]}={v}]" if v is not None else ""
+        print(f"[bench] {cfg.name}{label}: {args.warmup} warm-up + 1 FLOP-count + {args.steps} timed steps, "
+              f"batch {cfg.data.batch_size}, {'real' if not args.synthetic else 'synthetic'} data", flush=True)
+        r = run_one(cfg, args, device, peak)
+        print_table(r)
+        runs.append((v, r))
+
+    if args.compare:
+        print()
+        print_compare(args.compare.split("=", 1)[0], [(str(v), r) for v, r in runs])
+        out: dict[str, Any] = {"compare": args.compare.split("=", 1)[0], "values": [v for v, _ in runs],
+                               "matmul_peak": peak, "runs": [r for _, r in runs]}
+    else:
+        out = runs[0][1]
+    out["command"] = " ".join(["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])])
+    if (args.json or "").lower() != "none":
+        path = Path(args.json) if args.json else default_json(args.preset, device, args.compare)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
+        print(f"[bench] wrote {path}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

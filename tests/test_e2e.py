@@ -1,0 +1,159 @@
+"""End-to-end runs of the training loop on tiny models and generated images.
+
+Covers: exact resume after SIGKILL, 2-rank torchrun (gloo) == 1 process, corrupt images
+skipped and counted, a misspelt config key failing before any work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = [
+    "model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
+    "model.img_size=16", "model.drop_path_rate=0.0", "crops.global_size=16", "crops.local_size=8",
+    "crops.n_local=2", "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16",
+    "data.num_workers=0", "train.progress=false", "train.log_every_steps=1", "eval.at_end=false",
+    "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.25", "train.threads=1",
+]
+
+
+def make_folder(root: Path, n_per_class: int = 24, corrupt: int = 0) -> Path:
+    """Two classes of coloured 24x24 images; optionally add corrupt files."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["a", "b"]):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+            arr[..., c] = 255
+            Image.fromarray(arr).save(d / f"{i:03d}.png")
+    for i in range(corrupt):
+        (root / "a" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "a" / "tiny.png").unlink(missing_ok=True)
+    if corrupt:
+        Image.new("RGB", (1, 1)).save(root / "b" / "tiny.png")
+    return root
+
+
+def base_args(data: Path, out: Path) -> list[str]:
+    return ["dino_vittiny_fmnist", *TINY, f"output_dir={out}", "data.train.kind=folder",
+            f"data.train.path={data}", "data.eval_train=null", "data.eval_test=null"]
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "fovea", "train", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fovea train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss/dino"] for r in rows if "loss/dino" in r}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("imgs"))
+
+
+def test_resume_after_sigkill_continues_same_losses(folder: Path, tmp_path: Path) -> None:
+    common = base_args(folder, tmp_path / "a") + ["data.batch_size=8", "optim.max_steps=14",
+                                                 "train.checkpoint_every_steps=4"]
+    run_cli(common)
+    ref = losses(tmp_path / "a")
+    assert sorted(ref) == list(range(1, 15))
+
+    # Same run, killed with SIGKILL in the middle of step 11 (after the step-8 checkpoint):
+    # the process dies without any clean-up, as in a crash or an OOM kill.
+    b = tmp_path / "b"
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        from fovea.train import loop
+        orig = loop.Trainer.train_step
+        def train_step(self, batch, sv):
+            if self.step == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(self, batch, sv)
+        loop.Trainer.train_step = train_step
+        from fovea.cli import main
+        sys.exit(main(["train", *{[a.replace(str(tmp_path / 'a'), str(b)) for a in common]!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr
+    assert (b / "checkpoints" / "last.pt").exists()
+    assert max(losses(b)) == 10  # steps 9, 10 were logged but not checkpointed
+
+    out = run_cli([a.replace(str(tmp_path / "a"), str(b)) for a in common])
+    assert "resumed from" in out.stdout and "at step 8/14" in out.stdout
+    got = losses(b)
+    assert sorted(got) == list(range(1, 15))
+    for s in range(1, 15):
+        assert got[s] == pytest.approx(ref[s], abs=1e-6), (s, got[s], ref[s])
+
+
+def test_torchrun_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> None:
+    steps = ["optim.max_steps=4", "train.checkpoint_every_steps=100", "train.threads=1"]
+    run_cli(base_args(folder, tmp_path / "one") + ["data.batch_size=8", *steps])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "fovea", "train", *base_args(folder, tmp_path / "two"), "data.batch_size=4", *steps]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for s in one:
+        assert two[s] == pytest.approx(one[s], abs=1e-4), (s, one[s], two[s])
+    # the loss must actually move, or equality would prove nothing
+    assert abs(one[4] - one[1]) > 1e-4
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "imgs", n_per_class=16, corrupt=3)
+    out = tmp_path / "run"
+    proc = run_cli(base_args(data, out) + ["data.batch_size=8", "optim.epochs=1"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["skipped_images"] >= 4  # 3 corrupt files + one 1x1 image, each drawn once per epoch
+    assert "skipped" in proc.stdout and "unreadable" in proc.stdout
+
+
+def test_folder_without_readable_images_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "bad"
+    data.mkdir()
+    for i in range(3):
+        (data / f"x{i}.jpg").write_bytes(b"garbage")
+    proc = run_cli(base_args(data, tmp_path / "run"), check=False)
+    assert proc.returncode != 0
+    assert "no readable image" in proc.stderr and str(data) in proc.stderr
+
+
+def test_misspelt_key_fails_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli(["dino_vittiny_fmnist", f"output_dir={out}", "optim.lrr=1e-3"], check=False)
+    assert proc.returncode == 2
+    assert "optim.lrr" in proc.stderr and "did you mean 'lr'" in proc.stderr
+    assert not out.exists()
+
+
+def test_eval_knn_cli_json(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(base_args(folder, out) + ["data.batch_size=8", "optim.max_steps=2"])
+    proc = subprocess.run([sys.executable, "-m", "fovea", "eval", "knn", str(out), "--train", f"folder:{folder}",
+                           "--test", f"folder:{folder}", "--k", "1", "5", "--features", "cls,both", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the bank equals the test set, so k=1 finds each image itself: 100%
+    assert res["features"]["cls"]["k=1"] == pytest.approx(100.0)
+    assert set(res["features"]) == {"cls", "both"} and res["n_train"] == 48
