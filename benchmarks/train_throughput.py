@@ -488,23 +488,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the training step of a fovea preset: images/s, step time, achieved GFLOP/s "
                     "(analytic and FlopCounterMode FLOP counts), fraction of the measured matmul peak and "
                     "peak memory. Prints a table and writes a JSON file. Nothing is written to runs/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Defaults: 10 timed steps after 2 warm-up steps, synthetic data, device auto. "
+               "Overrides and options may be given in any order.")
     p.add_argument("preset", nargs="?", default=DEFAULT_PRESET,
-                   help="preset name (see `fovea presets`) or path to a YAML run config")
+                   help=f"preset name (see `fovea presets`) or path to a YAML run config (default: {DEFAULT_PRESET})")
     p.add_argument("overrides", nargs="*", default=[],
                    help="config overrides key.sub=value, as for `fovea train` (e.g. model.depth=6 data.batch_size=64)")
-    p.add_argument("--steps", type=int, default=10, help="number of timed training steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps before the FLOP-count step and timing")
+    p.add_argument("--steps", type=int, default=10, help="number of timed training steps (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps before the FLOP-count step and the timed steps (default: 2)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="override data.batch_size (images per step; each gives 2 global + n_local crops)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; the default), cpu, cuda or cuda:N")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="where to write the results; default benchmarks/results/train_throughput_<preset>_<device>"
                         "[_compare_<key>].json; 'none' to skip")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--synthetic", dest="synthetic", action="store_true", default=True,
                       help="random uint8 crops with the preset's crop sizes, made once on the device "
-                           "(data loading and host-to-device copies excluded)")
+                           "(data loading and host-to-device copies excluded); the default")
     data.add_argument("--real-data", dest="synthetic", action="store_false",
                       help="iterate the preset's real multi-crop loader (data.train, data.num_workers) and also "
                            "report the data-inclusive images/s")
@@ -516,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-sizes", default=None, metavar="N1,N2",
                    help="square matmul sizes for the peak rate; default 1024,2048 on CPU, 4096,8192 on CUDA")
     p.add_argument("--matmul-time", type=float, default=0.5,
-                   help="seconds spent timing each matmul shape (best chunk is kept)")
+                   help="seconds spent timing each matmul shape; the best ~50 ms chunk is kept (default: 0.5)")
     p.add_argument("--no-model-shapes", dest="model_shapes", action="store_false",
                    help="skip timing the model's own fc1 matmul shapes [B*N, D] x [D, 4D]")
     p.add_argument("--no-flop-counter", action="store_true",

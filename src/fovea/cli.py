@@ -28,8 +28,8 @@ Every config key (type, default):
 
 def _keys_table() -> str:
     rows = describe()
-    w = max(len(k) for k, _, _ in rows)
-    return "\n".join(f"  {k:<{w}}  {t:<6} {d}" for k, t, d in rows)
+    w = max(len(k) for k, *_ in rows)
+    return "\n".join(f"  {k:<{w}}  {t:<5} {d:<14} {h}" for k, t, d, h in rows)
 
 
 def _parse_source(spec: str) -> dict:

@@ -203,8 +203,8 @@ def validate(cfg: RunConfig) -> None:
         need(len(v) == 2 and 0 < v[0] <= v[1], f"crops.{key} must be [low, high] with 0 < low <= high, got {v}")
     need(len(cfg.crops.blur_p) == 3, "crops.blur_p must list 3 probabilities (global 1, global 2, locals)")
     need(len(cfg.crops.color_jitter) == 4, "crops.color_jitter must be [brightness, contrast, saturation, hue]")
-    need(cfg.dino.out_dim > 0 and cfg.dino.student_temp > 0 and cfg.dino.teacher_temp > 0,
-         "dino.out_dim, dino.student_temp and dino.teacher_temp must be > 0")
+    need(cfg.dino.out_dim >= 0 and cfg.dino.student_temp > 0 and cfg.dino.teacher_temp > 0,
+         "dino.out_dim must be >= 0 (0 = auto); dino.student_temp and dino.teacher_temp > 0")
     need(0 <= cfg.optim.momentum_teacher <= 1 and 0 <= cfg.optim.momentum_teacher_end <= 1,
          "optim.momentum_teacher(_end) must be within [0, 1]")
     need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
@@ -221,10 +221,27 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, type, default) for every leaf key, for ``--help`` listings."""
-    rows: list[tuple[str, str, str]] = []
+def field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comment`` of each field line in a dataclass's source (its help text)."""
+    import inspect
+    import re
+    out: dict[str, str] = {}
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return out
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf key, for ``--help`` listings."""
+    rows: list[tuple[str, str, str, str]] = []
     hints = typing.get_type_hints(cls)
+    helps = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
@@ -234,5 +251,5 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
             rows.extend(describe(inner, key + "."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append((key, getattr(inner, "__name__", str(inner)), repr(default)))
+        rows.append((key, getattr(inner, "__name__", str(inner)), repr(default), helps.get(f.name, "")))
     return rows

@@ -16,16 +16,16 @@ from fovea.models.vit import ViTConfig
 class DINOConfig:
     """DINO head and loss (the ``dino`` section)."""
 
-    out_dim: int = 65536  # K prototypes; use 4096-8192 on small data sets
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    norm_last_layer: bool = True
-    student_temp: float = 0.1
+    out_dim: int = 0  # K prototypes; 0 = auto from the data set size (65536 at ImageNet scale)
+    hidden_dim: int = 2048  # head MLP hidden width
+    bottleneck_dim: int = 256  # head output width before the prototypes
+    nlayers: int = 3  # head MLP layers
+    norm_last_layer: bool = True  # fix the prototypes' weight-norm gain to 1 (False: learn it; steadier for ViT-S)
+    student_temp: float = 0.1  # student softmax temperature tau_s
     teacher_temp: float = 0.04  # final teacher temperature
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
-    center_momentum: float = 0.9
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
+    warmup_teacher_temp_epochs: float = 0.0  # epochs of linear teacher-temperature warm-up
+    center_momentum: float = 0.9  # EMA momentum of the teacher centre
 
 
 @dataclass
@@ -36,7 +36,7 @@ class DataConfig:
     eval_train: SourceConfig | None = None  # labelled bank for periodic / final k-NN
     eval_test: SourceConfig | None = None
     batch_size: int = 64  # per rank
-    num_workers: int = 4
+    num_workers: int = 4  # data-loading worker processes per rank
     eval_size: int = 0  # input size of eval views; 0 = crops.global_size
 
 
@@ -44,28 +44,28 @@ class DataConfig:
 class OptimConfig:
     """Optimizer and schedules (the ``optim`` section). Durations are in epochs (floats allowed)."""
 
-    epochs: float = 100.0
+    epochs: float = 100.0  # training length in epochs (fractions allowed)
     max_steps: int = 0  # >0 overrides epochs * steps_per_epoch
     lr: float = 5e-4  # base lr, scaled by `lr_scaling`
     lr_scaling: str = "linear256"  # linear256 (DINO: lr*B/256) | sqrt1024 (DINOv2) | none
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10.0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.996
-    momentum_teacher_end: float = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    min_lr: float = 1e-6  # final lr of the cosine schedule
+    warmup_epochs: float = 10.0  # linear lr warm-up from 0, in epochs
+    weight_decay: float = 0.04  # initial weight decay (cosine schedule)
+    weight_decay_end: float = 0.4  # final weight decay
+    momentum_teacher: float = 0.0  # 0 = auto from the run length (0.996 for long runs)
+    momentum_teacher_end: float = 1.0  # final teacher momentum (cosine schedule)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     clip_grad: float = 3.0  # 0 = off
     clip_mode: str = "per_param"  # per_param (DINO v1) | global
-    freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_epochs: float = 1.0  # prototypes get no update during these first epochs
 
 
 @dataclass
 class KNNConfig:
     """Frozen-feature k-NN (the ``eval.knn`` section)."""
 
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # numbers of neighbours reported
+    temperature: float = 0.07  # vote weights exp(sim / T)
     features: str = "cls"  # cls | mean_patch | both (reported: every kind listed in eval.knn.report)
     report: list[str] = field(default_factory=lambda: ["cls"])  # feature kinds computed at each k-NN
 
@@ -74,25 +74,25 @@ class KNNConfig:
 class EvalConfig:
     """When to evaluate during training (the ``eval`` section)."""
 
-    knn: KNNConfig = field(default_factory=KNNConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)  # k-NN settings
     at_start: bool = False  # k-NN of the initial model (before any step)
     every_epochs: float = 0.0  # 0 = only at the end
-    at_end: bool = True
-    batch_size: int = 256
+    at_end: bool = True  # k-NN after the last step
+    batch_size: int = 256  # feature-extraction batch size
 
 
 @dataclass
 class TrainConfig:
     """Run control (the ``train`` section)."""
 
-    seed: int = 0
+    seed: int = 0  # seed of weights, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     checkpoint_every_steps: int = 0  # 0 = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # scalars to metrics.jsonl / TensorBoard every N steps
     threads: int = 0  # torch CPU threads, 0 = torch default
-    progress: bool = True
+    progress: bool = True  # show progress bars
     resume: bool = True  # continue from <output_dir>/checkpoints/last.pt when it exists
 
 
@@ -100,7 +100,7 @@ class TrainConfig:
 class RunConfig:
     """A whole run: method, model, data, optimisation, evaluation."""
 
-    method: str = "dino"
+    method: str = "dino"  # training method: dino
     name: str = ""  # preset or experiment name (used in the default output_dir)
     description: str = ""  # one line shown by `fovea presets`
     output_dir: str = ""  # run folder; "" = runs/<name>

@@ -23,24 +23,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class CropsConfig:
     """Multi-crop recipe (the ``crops`` section). Defaults: the DINOv2 224-px recipe."""
 
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 8
-    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
-    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    flip_p: float = 0.5
-    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    # Gaussian blur probabilities: global crop 1, global crop 2, local crops (intended values).
-    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    solarize_p: float = 0.2  # global crop 2 only
-    # True reproduces the official DINOv2 code's inverted blur probabilities (0.0 / 0.9 / 0.5).
-    dinov2_inverted_blur: bool = False
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    global_size: int = 224  # global crop size in px
+    local_size: int = 96  # local crop size in px
+    n_local: int = 8  # number of local crops
+    global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # RandomResizedCrop area range of global crops
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area range of local crops
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # aspect ratio range of crops
+    flip_p: float = 0.5  # horizontal flip probability
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.8  # colour jitter probability
+    grayscale_p: float = 0.2  # grayscale probability
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # blur prob.: global 1, global 2, locals
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma range
+    solarize_p: float = 0.2  # solarize probability (global crop 2 only)
+    dinov2_inverted_blur: bool = False  # reproduce official DINOv2 code's inverted blur (0.0 / 0.9 / 0.5)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation mean (RGB)
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # normalisation std (RGB)
     interpolation: str = "bicubic"  # bicubic | bilinear | area
 
     def effective_blur_p(self) -> list[float]:

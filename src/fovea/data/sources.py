@@ -8,6 +8,8 @@ be handed to DataLoader worker processes; parquet files are (re)opened lazily pe
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 import os
@@ -16,6 +18,7 @@ import tempfile
 import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,7 @@ from fovea.data.decode import (  # noqa: F401 - FileSum, FMNIST_CHECKSUMS, verif
     FMNIST_CHECKSUMS, IMAGE_EXTENSIONS, FileSum, decode_image, read_idx, verify_fmnist_file,
 )
 
-__all__ = ["SourceConfig", "ImageSource", "FashionMNISTSource", "ParquetSource", "FolderSource",
+__all__ = ["SourceConfig", "default_data_root", "resolve_data_path", "ImageSource", "FashionMNISTSource", "ParquetSource", "FolderSource",
            "SubsetSource", "build_source", "fetch_with_replacement", "probe_source",
            "find_fmnist_dir", "download_fmnist", "verify_fmnist_file", "FMNIST_CHECKSUMS"]
 
@@ -36,8 +39,8 @@ class SourceConfig:
     kind: str = "fmnist"  # "fmnist" | "parquet" | "folder"
     path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir
     split: str = "train"  # fmnist only: "train" | "test"
-    limit: int = 0
-    seed: int = 0
+    limit: int = 0  # > 0: a fixed random subset of this many images
+    seed: int = 0  # seed of the `limit` subset
 
 
 class ImageSource:
@@ -341,9 +344,35 @@ class SubsetSource(ImageSource):
         return self.base.load(int(self.indices[self._check_index(i)]))
 
 
+def default_data_root() -> str:
+    """``$FOVEA_DATA``, else ``../shared/data`` beside the fovea checkout (when it exists), else ``data``."""
+    env = os.environ.get("FOVEA_DATA")
+    if env:
+        return env
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "shared" / "data"
+        if (parent / "main").exists() and cand.is_dir():
+            return str(cand)
+        if (parent / "pyproject.toml").exists() and (parent.parent / "shared" / "data").is_dir():
+            return str(parent.parent / "shared" / "data")
+    return "data"
+
+
+def resolve_data_path(path: str) -> str:
+    """Expand ``$FOVEA_DATA`` (see :func:`default_data_root`), other env vars and ``~`` in a path."""
+    if not path:
+        return path
+    if "$FOVEA_DATA" in path or "${FOVEA_DATA}" in path:
+        root = default_data_root()
+        path = path.replace("${FOVEA_DATA}", root).replace("$FOVEA_DATA", root)
+    return os.path.expanduser(os.path.expandvars(path))
+
+
 def build_source(cfg: SourceConfig) -> ImageSource:
     """Create the source described by ``cfg`` (raises FileNotFoundError / ValueError)."""
     kind = cfg.kind.lower().strip()
+    cfg = dataclasses.replace(cfg, path=resolve_data_path(cfg.path))
     src: ImageSource
     if kind in ("fmnist", "fashion-mnist", "fashion_mnist"):
         src = FashionMNISTSource(cfg.path, cfg.split)

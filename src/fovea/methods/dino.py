@@ -36,6 +36,8 @@ class DINO(Method):
         self.cfg = cfg
         backbone = VisionTransformer(cfg.model)
         d = cfg.dino
+        if d.out_dim <= 0:
+            raise ValueError("dino.out_dim=0 (auto) must be resolved first: fovea.train.loop.resolve_auto(cfg, ...)")
         head = DINOHead(backbone.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer)
         # Plain DINO never masks its inputs: the mask token takes no part (and must not, for DDP).
         backbone.mask_token.requires_grad_(False)

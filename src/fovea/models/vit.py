@@ -29,19 +29,19 @@ ARCHS: dict[str, tuple[int, int, int, float]] = {
 class ViTConfig:
     """Backbone hyper-parameters (the ``model`` section of a run config)."""
 
-    arch: str = "vit_small"
-    patch_size: int = 16
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant
+    patch_size: int = 16  # patch size in px
     img_size: int = 224  # resolution the positional embedding is stored at
-    in_chans: int = 3
-    num_register_tokens: int = 0
-    drop_path_rate: float = 0.1
+    in_chans: int = 3  # input channels
+    num_register_tokens: int = 0  # register tokens after CLS (DINOv2 'with registers': 4)
+    drop_path_rate: float = 0.1  # stochastic depth rate (linear over depth)
     layerscale_init: float = 0.0  # 0 = no LayerScale (DINO v1); DINOv2 uses 1e-5
-    qkv_bias: bool = True
-    norm_eps: float = 1e-6
+    qkv_bias: bool = True  # bias in the qkv projection
+    norm_eps: float = 1e-6  # LayerNorm epsilon
     embed_dim: int = 0  # 0 = from arch
-    depth: int = 0
-    num_heads: int = 0
-    mlp_ratio: float = 0.0
+    depth: int = 0  # 0 = from arch
+    num_heads: int = 0  # 0 = from arch
+    mlp_ratio: float = 0.0  # 0 = from arch
 
 
 class PatchEmbed(nn.Module):

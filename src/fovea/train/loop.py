@@ -6,7 +6,9 @@ teacher update -> logging, checkpoints and periodic k-NN.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,33 @@ def make_plan(cfg: RunConfig, n_images: int, world: int) -> Plan:
                 ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world))
 
 
+def auto_prototypes(n_images: int) -> int:
+    """K for ``dino.out_dim=0``: a power of two near N/16, within [1024, 65536].
+
+    Small sets get small K (the ln K plateau of DINO on small data, METHODS.md section 1):
+    60k images -> 4096, 1.28M (ImageNet) -> 65536.
+    """
+    k = 2 ** round(math.log2(max(n_images, 1) / 16))
+    return int(min(65536, max(1024, k)))
+
+
+def auto_momentum(total_steps: int) -> float:
+    """Initial teacher momentum for ``optim.momentum_teacher=0``: the teacher's horizon
+    1/(1-m) is about a tenth of the run, clamped to [0.95, 0.996] (0.996 = DINO's long runs)."""
+    return float(min(0.996, max(0.95, 1.0 - 10.0 / max(total_steps, 1))))
+
+
+def resolve_auto(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
+    """Replace 'auto' (0) values by concrete ones, so the written config.yaml is explicit."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.dino.out_dim == 0:
+        cfg.dino.out_dim = auto_prototypes(n_images)
+    if cfg.optim.momentum_teacher == 0:
+        spe = max(EpochBatchSampler.steps_per_epoch(n_images, cfg.data.batch_size, world), 1)
+        cfg.optim.momentum_teacher = auto_momentum(cfg.optim.max_steps or round(cfg.optim.epochs * spe))
+    return cfg
+
+
 def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
     """All scheduled hyper-parameters at ``step`` (per-iteration schedules, METHODS.md section 0)."""
     o, d = cfg.optim, cfg.dino
@@ -74,18 +103,18 @@ class Trainer:
     """Holds the state of one run; :meth:`fit` trains to the end and returns the results dict."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.info, self.device = init_distributed(cfg.train.device)
+        self.source = build_source(cfg.data.train)
+        probe_source(self.source)
+        self.cfg = cfg = resolve_auto(cfg, len(self.source), self.info.world)
         self.out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
         self.ckpt_dir = self.out / "checkpoints"
         if self.info.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
         barrier(self.info)
-        self.source = build_source(cfg.data.train)
-        probe_source(self.source)
         self.dataset = MultiCropDataset(self.source, MultiCrop(cfg.crops), cfg.train.seed)
         self.plan = make_plan(cfg, len(self.source), self.info.world)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
