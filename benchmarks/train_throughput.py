@@ -41,7 +41,7 @@ from fovea.config.loader import load_config
 from fovea.config.schema import RunConfig
 from fovea.methods.dino import build_method
 from fovea.models.vit import ARCHS
-from fovea.train.loop import Trainer, make_plan, step_values
+from fovea.train.loop import Trainer, make_plan, resolve_auto, step_values
 from fovea.train.optim import build_optimizer
 
 DEFAULT_PRESET = "dino_vittiny_fmnist"
@@ -276,10 +276,37 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def needs_auto(cfg: RunConfig) -> bool:
+    """True when the config has values resolved from the data-set size (dino.out_dim=0, momentum_teacher=0)."""
+    return cfg.dino.out_dim == 0 or cfg.optim.momentum_teacher == 0
+
+
+def dataset_size(cfg: RunConfig, args: argparse.Namespace) -> tuple[int, str]:
+    """Training-set size used for the schedules and the 'auto' values, and where it came from.
+
+    ``--n-images`` wins; ``--real-data`` and configs with auto values read the size of ``data.train``
+    (no images are decoded for the size); otherwise a nominal 1000 steps per epoch.
+    """
+    if args.n_images:
+        return args.n_images, "--n-images"
+    if not args.synthetic or needs_auto(cfg):
+        try:
+            from fovea.data.sources import build_source
+            return len(build_source(cfg.data.train)), "data.train"
+        except Exception as e:  # noqa: BLE001
+            if not args.synthetic:
+                raise
+            print(f"[bench] cannot open data.train to size the auto values ({type(e).__name__}: {e}); "
+                  f"assuming {NOMINAL_STEPS_PER_EPOCH} steps per epoch; pass --n-images N to choose", flush=True)
+    return cfg.data.batch_size * NOMINAL_STEPS_PER_EPOCH, "nominal"
+
+
 def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak: dict[str, Any]
             ) -> dict[str, Any]:
     """Build, warm up, count FLOPs and time ``args.steps`` training steps of ``cfg``."""
     rss_before = current_rss_bytes()
+    n_images, n_images_from = dataset_size(cfg, args)
+    cfg = resolve_auto(cfg, n_images, 1)  # auto K / teacher momentum, as the Trainer does
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -297,6 +324,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         probe_source(source)
         dataset = MultiCropDataset(source, MultiCrop(cfg.crops), cfg.train.seed)
         plan = make_plan(cfg, len(source), 1)
+        res_n_images = (len(source), "data.train")
         state = {"epoch": 0, "it": None}
 
         def next_batch() -> dict:
@@ -309,7 +337,8 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
                 except StopIteration:
                     state["it"], state["epoch"] = None, state["epoch"] + 1
     else:
-        plan = make_plan(cfg, b * NOMINAL_STEPS_PER_EPOCH, 1)
+        plan = make_plan(cfg, n_images, 1)
+        res_n_images = (n_images, n_images_from)
         crops = synthetic_crops(cfg, device)
 
         def next_batch() -> dict:
@@ -370,6 +399,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
                   "head": {"out_dim": cfg.dino.out_dim, "hidden_dim": cfg.dino.hidden_dim,
                            "bottleneck_dim": cfg.dino.bottleneck_dim, "nlayers": cfg.dino.nlayers}},
         "batch_size": b,
+        "n_images": {"value": res_n_images[0], "from": res_n_images[1]},
         "crops": {"global": 2, "local": cfg.crops.n_local, "global_size": cfg.crops.global_size,
                   "local_size": cfg.crops.local_size},
         "tokens_per_image": {"global_crop": tok_g, "local_crop": tok_l if cfg.crops.n_local else 0,
@@ -520,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds spent timing each matmul shape; the best ~50 ms chunk is kept (default: 0.5)")
     p.add_argument("--no-model-shapes", dest="model_shapes", action="store_false",
                    help="skip timing the model's own fc1 matmul shapes [B*N, D] x [D, 4D]")
+    p.add_argument("--n-images", type=int, default=None, metavar="N",
+                   help="training-set size used for the schedules and for 'auto' config values (dino.out_dim=0, "
+                        "optim.momentum_teacher=0); default: the size of data.train when it is needed (--real-data "
+                        "or auto values), else 1000 batches")
     p.add_argument("--no-flop-counter", action="store_true",
                    help="skip the FlopCounterMode step and use the analytic FLOP count")
     return p
@@ -584,7 +618,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for v, ov, cfg in cfgs:
         args.all_overrides = ov
         label = f" [{args.compare.split('=', 1)[0]}={v}]" if v is not None else ""
-        print(f"[bench] {cfg.name}{label}: {args.warmup} warm-up + 1 FLOP-count + {args.steps} timed steps, "
+        fc_step = "" if args.no_flop_counter else " + 1 FLOP-count"
+        print(f"[bench] {cfg.name}{label}: {args.warmup} warm-up{fc_step} + {args.steps} timed steps, "
               f"batch {cfg.data.batch_size}, {'real' if not args.synthetic else 'synthetic'} data", flush=True)
         r = run_one(cfg, args, device, peak)
         print_table(r)

@@ -60,6 +60,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string; convert only where a number is expected
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -117,8 +119,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML reads 1e-3 as a string
     return key, value
 
 
@@ -151,17 +151,7 @@ def load_tree(preset_or_path: str) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin}: top level must be a mapping")
     tree.setdefault("name", path.stem if origin == str(path) else preset_or_path)
-    return _fix_numeric_strings(tree)
-
-
-def _fix_numeric_strings(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _fix_numeric_strings(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_numeric_strings(v) for v in node]
-    if isinstance(node, str) and _looks_numeric(node) and node.strip().lower() not in ("nan", "inf", "-inf", "infinity"):
-        return float(node)
-    return node
+    return tree
 
 
 def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -30,7 +30,7 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         w = (top_sim / temperature).exp()
         for k in ks:
             kk = min(k, kmax)
-            votes = torch.zeros(top_sim.shape[0], c, dtype=w.dtype)
+            votes = torch.zeros(top_sim.shape[0], c, dtype=w.dtype, device=w.device)
             votes.scatter_add_(1, top_lab[:, :kk], w[:, :kk])
             preds[k].append(votes.argmax(1))
     return {k: torch.cat(v) for k, v in preds.items()}
