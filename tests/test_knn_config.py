@@ -215,9 +215,6 @@ def test_crop_sizes_must_be_multiples_of_patch(override):
     assert override.split("=")[0] in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="loader coerces every numeric-looking *string* to float, even for str-typed "
-                                        "keys: name '42' becomes '42.0' (config/loader.py _fix_numeric_strings / "
-                                        "parse_override)")
 def test_numeric_looking_string_field_round_trips(tmp_path):
     cfg = load_config(None, [])
     cfg.name = "42"
@@ -228,8 +225,6 @@ def test_numeric_looking_string_field_round_trips(tmp_path):
     assert back.name == "42" and back.output_dir == "1e3"
 
 
-@pytest.mark.xfail(strict=True, reason="a quoted string override for a str key is turned into a float then "
-                                        "re-stringified: name='007' -> '7.0' (config/loader.py parse_override)")
 def test_quoted_string_override_kept_verbatim():
     cfg = load_config(None, ["name='007'", "output_dir=\"runs/1\""])
     assert cfg.output_dir == "runs/1"
