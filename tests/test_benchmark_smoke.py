@@ -80,7 +80,7 @@ def test_tiny_model_json_and_analytic_flops(bench, tmp_path, keep_threads):
     # every option is documented in --help
     text = bench.build_parser().format_help()
     for opt in ("--steps", "--warmup", "--batch-size", "--device", "--json", "--synthetic", "--real-data",
-                "--compare", "--start-step", "--matmul-sizes", "--matmul-time", "--no-model-shapes",
+                "--compare", "--start-step", "--n-images", "--matmul-sizes", "--matmul-time", "--no-model-shapes",
                 "--no-flop-counter", "preset", "overrides"):
         assert opt in text
 
