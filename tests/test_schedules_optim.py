@@ -218,3 +218,20 @@ def test_clip_off_returns_norm_and_leaves_grads():
     before = [p.grad.clone() for p in ps]
     assert clip_gradients(ps, 0.0, "per_param") == pytest.approx(5.0, rel=1e-5)
     assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))
+
+
+def test_auto_prototypes_and_momentum_rules() -> None:
+    from fovea.train.loop import auto_momentum, auto_prototypes, resolve_auto
+    from fovea.config.loader import load_config
+    # K: power of two nearest N/16, clamped to [1024, 65536]
+    assert auto_prototypes(60000) == 4096  # 60000/16 = 3750 -> 2^12
+    assert auto_prototypes(1_281_167) == 65536  # ImageNet-1k -> DINO's K
+    assert auto_prototypes(500) == 1024
+    # momentum: 1 - 10/steps within [0.95, 0.996]
+    assert auto_momentum(500) == pytest.approx(0.98)
+    assert auto_momentum(10) == 0.95 and auto_momentum(1_000_000) == 0.996
+    cfg = load_config(None, ["data.batch_size=100", "optim.epochs=2"])
+    assert (cfg.dino.out_dim, cfg.optim.momentum_teacher) == (0, 0.0)  # auto until resolved
+    r = resolve_auto(cfg, 50_000, world=1)  # 500 steps/epoch x 2
+    assert (r.dino.out_dim, r.optim.momentum_teacher) == (4096, pytest.approx(0.99))
+    assert cfg.dino.out_dim == 0  # the input config is not modified

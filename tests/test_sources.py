@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fovea.data import fmnist as fmnist_mod
 from fovea.data import sources
 from fovea.data.decode import FileSum, decode_image, read_idx
 from fovea.data.sources import (
@@ -256,7 +257,7 @@ def test_idx_round_trip_and_fmnist_source(tmp_path: Path, gz: bool) -> None:
 
 def test_fmnist_not_found_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FOVEA_FMNIST_DIR", str(tmp_path / "env"))
-    monkeypatch.setattr(sources, "FMNIST_DEFAULT_DIRS", (str(tmp_path / "a"), str(tmp_path / "b")))
+    monkeypatch.setattr(fmnist_mod, "FMNIST_DEFAULT_DIRS", (str(tmp_path / "a"), str(tmp_path / "b")))
     with pytest.raises(FileNotFoundError) as e:
         build_source(SourceConfig(kind="fmnist"))
     msg = str(e.value)

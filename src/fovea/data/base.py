@@ -1,0 +1,42 @@
+"""The source interface: :class:`SourceConfig` and the :class:`ImageSource` base class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SourceConfig:
+    """Which images to read. ``limit > 0`` keeps a fixed random subset (seeded by ``seed``)."""
+
+    kind: str = "fmnist"  # "fmnist" | "parquet" | "folder"
+    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir
+    split: str = "train"  # fmnist only: "train" | "test"
+    limit: int = 0  # > 0: a fixed random subset of this many images
+    seed: int = 0  # seed of the `limit` subset
+
+
+class ImageSource:
+    """Base class: ``N`` items with ``labels`` int64 ``[N]`` (-1 = none) and ``class_names``."""
+
+    name: str = "source"
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def load(self, i: int) -> np.ndarray | None:
+        """RGB uint8 ``[H, W, 3]`` (C-contiguous) for item ``i``, or ``None`` if unreadable."""
+        raise NotImplementedError
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} ({n} items)")
+        return int(i) % n
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: {len(self)} items>"
