@@ -255,3 +255,22 @@ def test_training_step_backward_no_teacher_grads(cfg):
         c = cfg.crops
         t_logits, _ = m.teacher([normalize(x, c.mean, c.std) for x in crops[:2]])
     assert torch.allclose(m.loss_fn.center, 0.1 * t_logits.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_collapse_stats_on_known_distributions() -> None:
+    import math
+    from fovea.methods.dino import collapse_stats
+    k = 8
+    uniform = torch.full((5, k), 1.0 / k)
+    s = collapse_stats(uniform)
+    assert float(s["diag/teacher_entropy"]) == pytest.approx(math.log(k), abs=1e-6)
+    assert float(s["diag/teacher_batch_entropy"]) == pytest.approx(math.log(k), abs=1e-6)
+    same = torch.zeros(5, k)
+    same[:, 3] = 1.0  # every sample picks prototype 3
+    s = collapse_stats(same)
+    assert float(s["diag/teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(s["diag/teacher_batch_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    spread = torch.eye(k)  # one-hot, each sample its own prototype: healthy
+    s = collapse_stats(spread)
+    assert float(s["diag/teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(s["diag/teacher_batch_entropy"]) == pytest.approx(math.log(k), abs=1e-6)

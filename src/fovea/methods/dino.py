@@ -28,6 +28,18 @@ class Student(nn.Module):
         return self.head(cls), cls
 
 
+def collapse_stats(p_t: Tensor) -> dict[str, Tensor]:
+    """Collapse diagnostics of teacher probabilities [N, K].
+
+    ``teacher_entropy`` (mean per-sample entropy) near ln K means uniform collapse;
+    ``teacher_batch_entropy`` (entropy of the batch-mean distribution) near 0 means all samples
+    pick one prototype. Healthy training keeps the first well below and the second near ln K.
+    """
+    ent = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean()
+    mean = p_t.mean(0)
+    return {"diag/teacher_entropy": ent, "diag/teacher_batch_entropy": -(mean * mean.clamp_min(1e-12).log()).sum()}
+
+
 class DINO(Method):
     """DINO method. A batch is ``{"crops": [global1, global2, local...]}`` of uint8 [B,3,S,S]."""
 
@@ -63,8 +75,10 @@ class DINO(Method):
             t_logits, _ = self.teacher(crops[:2])
         s_logits, _ = self.student_fwd(crops)
         loss = self.loss_fn(s_logits, t_logits, sv.teacher_temp, n_global=2)
+        with torch.no_grad():
+            logs = {"loss/dino": loss.detach(), **collapse_stats(self.loss_fn.teacher_probs(t_logits, sv.teacher_temp))}
         self.loss_fn.update_center(t_logits)
-        return loss, {"loss/dino": loss.detach()}
+        return loss, logs
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
