@@ -157,3 +157,30 @@ def test_eval_knn_cli_json(folder: Path, tmp_path: Path) -> None:
     # the bank equals the test set, so k=1 finds each image itself: 100%
     assert res["features"]["cls"]["k=1"] == pytest.approx(100.0)
     assert set(res["features"]) == {"cls", "both"} and res["n_train"] == 48
+
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST absent (apt-get install dataset-fashion-mnist); real-data run skipped")
+def test_demo_preset_runs_end_to_end_on_fashion_mnist(tmp_path: Path) -> None:
+    """The demo preset itself (model shrunk, few steps) on the real data: k-NN before/after,
+    every output of the run folder, and a resolved config that reloads to the same config."""
+    out = tmp_path / "run"
+    proc = run_cli(["dino_vittiny_fmnist", f"output_dir={out}", "model.depth=2", "optim.max_steps=3",
+                    "data.eval_train.limit=600", "data.eval_test.limit=300", "data.num_workers=0",
+                    "train.progress=false", "train.threads=1"])
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "backbone.safetensors", "backbone.yaml",
+                 "checkpoints/last.pt"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "k-NN start" in proc.stdout and "k-NN end" in proc.stdout and str(out / "config.yaml") in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    for tag in ("start", "end"):
+        accs = res["knn"][tag]["features"]["cls"]
+        assert set(accs) == {"k=10", "k=20", "k=100", "k=200"}
+        assert accs["k=20"] > 30.0  # 10 classes: chance is 10%; even a 2-block random ViT is far above it
+    from fovea.config.loader import load_config
+    again = load_config(str(out / "config.yaml"))
+    assert again.model.depth == 2 and again.optim.max_steps == 3 and again.dino.out_dim == 1024
