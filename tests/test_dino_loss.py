@@ -274,3 +274,23 @@ def test_collapse_stats_on_known_distributions() -> None:
     s = collapse_stats(spread)
     assert float(s["diag/teacher_entropy"]) == pytest.approx(0.0, abs=1e-6)
     assert float(s["diag/teacher_batch_entropy"]) == pytest.approx(math.log(k), abs=1e-6)
+
+
+def test_bn_head_teacher_uses_batch_statistics_and_stays_eval() -> None:
+    from fovea.config.loader import load_config
+    from fovea.methods.dino import DINO
+    from fovea.train.loop import resolve_auto
+    cfg = resolve_auto(load_config(None, [
+        "model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
+        "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
+        "dino.hidden_dim=16", "dino.bottleneck_dim=8", "dino.use_bn=true"]), 100, 1)
+    m = DINO(cfg).train()
+    bns = [x for x in m.teacher.head.modules() if isinstance(x, torch.nn.BatchNorm1d)]
+    assert len(bns) == 2  # one per hidden layer of the 3-layer head
+    assert all(b.training for b in bns) and not m.teacher.training and not m.teacher.backbone.training
+    # batch statistics: each hidden feature has mean ~0 over the batch after the teacher's BN
+    x = torch.randn(64, 48) * 5 + 3
+    h = m.teacher.head.mlp[1](m.teacher.head.mlp[0](x))
+    assert torch.allclose(h.mean(0), torch.zeros(16), atol=1e-5)
+    m.eval()
+    assert not any(b.training for b in bns)

@@ -104,7 +104,9 @@ def test_resume_after_sigkill_continues_same_losses(folder: Path, tmp_path: Path
 
 
 def test_torchrun_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> None:
-    steps = ["optim.max_steps=4", "train.checkpoint_every_steps=100", "train.threads=1"]
+    # dino.use_bn=false: head BatchNorm is synchronised across GPUs (SyncBatchNorm) but per rank on
+    # CPU/gloo, where exact 1-vs-2-rank equality therefore only holds without it.
+    steps = ["optim.max_steps=4", "train.checkpoint_every_steps=100", "train.threads=1", "dino.use_bn=false"]
     run_cli(base_args(folder, tmp_path / "one") + ["data.batch_size=8", *steps])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",

@@ -21,6 +21,7 @@ class DINOConfig:
     bottleneck_dim: int = 256  # head output width before the prototypes
     nlayers: int = 3  # head MLP layers
     norm_last_layer: bool = True  # fix the prototypes' weight-norm gain to 1 (False: learn it; steadier for ViT-S)
+    use_bn: bool = False  # BatchNorm in the head MLP (DINO's use_bn_in_head); synced over GPUs, per rank on CPU
     student_temp: float = 0.1  # student softmax temperature tau_s
     teacher_temp: float = 0.04  # final teacher temperature
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0

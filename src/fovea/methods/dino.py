@@ -50,7 +50,8 @@ class DINO(Method):
         d = cfg.dino
         if d.out_dim <= 0:
             raise ValueError("dino.out_dim=0 (auto) must be resolved first: fovea.train.loop.resolve_auto(cfg, ...)")
-        head = DINOHead(backbone.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer)
+        head = DINOHead(backbone.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer,
+                        d.use_bn)
         # Plain DINO never masks its inputs: the mask token takes no part (and must not, for DDP).
         backbone.mask_token.requires_grad_(False)
         self.student = Student(backbone, head)
@@ -65,7 +66,10 @@ class DINO(Method):
 
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
-        self.teacher.eval()  # the teacher always stays in eval mode
+        self.teacher.eval()  # the teacher always stays in eval mode (no drop-path) ...
+        for m in self.teacher.head.modules():  # ... except head BatchNorm, which normalises with batch
+            if isinstance(m, nn.BatchNorm1d):   # statistics as in official DINO (running stats are not EMA'd)
+                m.train(mode)
         return self
 
     def training_step(self, batch: dict, sv: StepValues) -> tuple[Tensor, dict[str, float]]:

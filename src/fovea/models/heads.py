@@ -29,22 +29,27 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """MLP in_dim -> hidden (x nlayers-1, GELU) -> bottleneck, L2-normalise, prototypes K.
+    """MLP in_dim -> hidden (x nlayers-1, [BatchNorm,] GELU) -> bottleneck, L2-normalise, prototypes K.
+
+    ``use_bn`` is the official DINO ``use_bn_in_head`` option: BatchNorm removes the component
+    common to the batch, so image-specific differences drive the prototypes from the first step.
 
     Input [N, in_dim] -> logits [N, K]. ``last_layer`` holds the prototypes (frozen during
     the first epoch(s) by the training loop: "freeze last layer").
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
         else:
-            layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            def hidden(d_in: int) -> list[nn.Module]:
+                return [nn.Linear(d_in, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
+            layers = hidden(in_dim)
             for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():

@@ -119,6 +119,9 @@ class Trainer:
         self.plan = make_plan(cfg, len(self.source), self.info.world)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method: Method = build_method(cfg).to(self.device)
+        if self.info.world > 1 and self.device.type == "cuda":
+            # head BatchNorm (dino.use_bn) normalises over the global batch, as one process would
+            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         self.optimizer = build_optimizer(self.method.student, cfg.optim)
         self.params = [p for p in self.method.student.parameters() if p.requires_grad]
         self.frozen_ids = {id(p) for p in self.method.last_layer_params()}
