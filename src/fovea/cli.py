@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     import torch
 
-    from fovea.config.loader import _build
+    from fovea.config.loader import build_section
     from fovea.data.sources import SourceConfig, build_source
     from fovea.eval.knn import evaluate_knn
     from fovea.hub.backbone import load_backbone
@@ -68,7 +68,7 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
         fields = _parse_source(spec) if spec else data.get(key)
         if not fields:
             raise ConfigError(f"no --{key.split('_')[1]} given and the checkpoint's config has no data.{key}")
-        cfg = _build(SourceConfig, {k: v for k, v in fields.items() if k in SourceConfig.__dataclass_fields__})
+        cfg = build_section(SourceConfig, {k: v for k, v in fields.items() if k in SourceConfig.__dataclass_fields__})
         if limit:
             cfg.limit = limit
         return build_source(cfg)

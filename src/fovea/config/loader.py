@@ -95,6 +95,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return obj
 
 
+def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Validated dataclass ``cls`` from a mapping (unknown keys / bad types raise ConfigError)."""
+    return _build(cls, data, prefix)
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

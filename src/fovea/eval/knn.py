@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fovea.eval.features import extract_features
+
 
 def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, ks: list[int],
                  temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024
@@ -55,10 +58,7 @@ def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature
 
     Returns {"features": {kind: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}.
     """
-    from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
-    from fovea.eval.features import extract_features
-    mean = mean or IMAGENET_MEAN
-    std = std or IMAGENET_STD
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     ftr, ytr, s1 = extract_features(backbone, train_source, size, kinds, device, batch_size, num_workers,
                                     mean, std, progress, "k-NN train features")
     fte, yte, s2 = extract_features(backbone, test_source, size, kinds, device, batch_size, num_workers,
