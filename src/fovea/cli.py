@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     k.add_argument("--json", action="store_true", help="print one JSON object with the accuracies")
     k.set_defaults(func=cmd_eval_knn)
+    from fovea.eval.commands import add_eval_commands
+    add_eval_commands(esub)
 
     pr = sub.add_parser("presets", help="list the shipped presets", description="List presets, one line each.")
     pr.set_defaults(func=cmd_presets)
