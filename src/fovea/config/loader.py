@@ -202,6 +202,9 @@ def validate(cfg: RunConfig) -> None:
          "dino.out_dim must be >= 0 (0 = auto); dino.student_temp and dino.teacher_temp > 0")
     need(0 <= cfg.optim.momentum_teacher <= 1 and 0 <= cfg.optim.momentum_teacher_end <= 1,
          "optim.momentum_teacher(_end) must be within [0, 1]")
+    from fovea.eval.report import PROTOCOLS
+    bad = [p for p in cfg.eval.final if p not in PROTOCOLS or p in ("ood", "seg")]
+    need(not bad, f"eval.final: {bad} not among knn, linear, logreg, fewshot, pictures")
     need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
          f"data.train.kind: {cfg.data.train.kind!r} not one of fmnist, parquet, folder")
 

@@ -80,6 +80,7 @@ class EvalConfig:
     every_epochs: float = 0.0  # 0 = only at the end
     at_end: bool = True  # k-NN after the last step
     batch_size: int = 256  # feature-extraction batch size
+    final: list[str] = field(default_factory=list)  # `fovea eval all` protocols run after training (knn, linear, logreg, fewshot, pictures); report in RUN/eval
 
 
 @dataclass

@@ -18,8 +18,10 @@ from fovea.eval.bank import split_train_val
 C_GRID = tuple(float(10.0 ** e) for e in range(-6, 6))
 
 
-def _standardise(train: Tensor, *others: Tensor) -> list[np.ndarray]:
-    """(x - mean_train) / std_train for every matrix [*, D] -> float32 numpy arrays."""
+def _standardise(train: Tensor, *others: Tensor, on: bool = True) -> list[np.ndarray]:
+    """(x - mean_train) / std_train (identity when not ``on``) for every matrix [*, D] -> float32 numpy."""
+    if not on:
+        return [x.numpy().astype(np.float32) for x in (train, *others)]
     mu, sd = train.mean(0), train.std(0).clamp_min(1e-6)
     return [((x - mu) / sd).numpy().astype(np.float32) for x in (train, *others)]
 
@@ -37,11 +39,13 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, c: float, max_iter: int = 1000):
 
 
 def logreg_eval(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cs: list[float] | None = None,
-                val_fraction: float = 0.1, sweep_limit: int = 10000, max_iter: int = 1000, seed: int = 0) -> dict:
+                val_fraction: float = 0.1, sweep_limit: int = 10000, max_iter: int = 1000, seed: int = 0,
+                standardise: bool = True) -> dict:
     """C sweep on a validation split, refit on all train, report on test.
 
     train_x [N, D], train_y [N], test_x [M, D], test_y [M]; unlabelled (< 0) rows are dropped.
-    ``sweep_limit`` > 0 caps the number of train rows used during the sweep.
+    ``sweep_limit`` > 0 caps the number of train rows used during the sweep. ``standardise``: scale
+    features by the (sweep / full) train mean and std; turn off when the caller already did.
     Returns {"test_top1", "best_C", "val_top1", "sweep": {C: val acc}, "n_train", "n_test"}.
     """
     cs = list(cs or C_GRID)
@@ -55,14 +59,14 @@ def logreg_eval(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor
         tr = tr[torch.randperm(len(tr), generator=g)[:sweep_limit]].sort().values
     sweep = {}
     if len(cs) > 1 and len(va):
-        xs_tr, xs_va = _standardise(train_x[tr], train_x[va])
+        xs_tr, xs_va = _standardise(train_x[tr], train_x[va], on=standardise)
         for c in cs:
             clf = fit_logreg(xs_tr, train_y[tr].numpy(), c, max_iter)
             sweep[c] = float((clf.predict(xs_va) == train_y[va].numpy()).mean() * 100)
         best = max(cs, key=lambda c: (sweep[c], -c))  # ties: the stronger regularisation
     else:
         best = cs[0]
-    xa, xt = _standardise(train_x, test_x)
+    xa, xt = _standardise(train_x, test_x, on=standardise)
     clf = fit_logreg(xa, train_y.numpy(), best, max_iter)
     acc = float((clf.predict(xt) == test_y.numpy()).mean() * 100)
     return {"test_top1": acc, "best_C": best, "val_top1": sweep.get(best), "sweep": {f"{c:g}": round(v, 2)

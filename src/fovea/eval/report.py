@@ -136,3 +136,13 @@ def checkpoint_step(run_dir: Path) -> int:
         return int(json.loads((run_dir / "results.json").read_text()).get("steps", 0))
     except (OSError, ValueError):
         return 0
+
+
+def run_final_eval(run_dir: str | Path, protocols: list[str], step: int, workers: int = 0,
+                   batch_size: int = 256, progress: bool = True) -> dict:
+    """The end-of-training hook (``eval.final``): evaluate RUN_DIR's final teacher with the run's
+    labelled splits and write RUN_DIR/eval/report.*; scalars are logged at ``step``."""
+    from fovea.eval.suite import SuiteOptions
+    opts = SuiteOptions(workers=workers, batch_size=batch_size, progress=progress)
+    suite = Suite(run_dir, opts)  # checkpoints/last.pt: the teacher and the run's full config
+    return run_report(suite, protocols, None, None, f"fovea train ... eval.final={protocols}", step)

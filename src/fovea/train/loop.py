@@ -279,6 +279,11 @@ class Trainer:
             (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
             self._summary(train_minutes)
         self.logger.close()
+        if c.eval.final and self.info.is_main:
+            from fovea.eval.report import run_final_eval
+            run_final_eval(self.out, c.eval.final, self.step, min(c.data.num_workers, 2), c.eval.batch_size,
+                           c.train.progress)
+            print(f"[fovea] evaluation report: {self.out / 'eval' / 'report.md'}", flush=True)
         cleanup()
         return self.results
 
