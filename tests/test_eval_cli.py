@@ -97,7 +97,7 @@ def test_single_protocol_commands(setup, capsys):
     assert all(len(v) == 13 for v in res["linear"]["grid"].values())
     assert main(["eval", "logreg", str(s["run"]), *data_args(s), "--json", "--out", str(s["run"] / "lr")]) == 0
     assert len(json.loads(capsys.readouterr().out)["logreg"]["sweep"]) == 12
-    assert main(["eval", "fewshot", str(s["run"]), *data_args(s), "--shots", "2", "--draws", "3", "--json",
+    assert main(["eval", "fewshot", str(s["run"]), *data_args(s), "--shots", "2", "--draws", "3", "--json", "--features", "cls@16",
                  "--out", str(s["run"] / "fs")]) == 0
     assert len(json.loads(capsys.readouterr().out)["fewshot"]["shots"]["2-shot"]["knn"]["runs"]) == 3
     # ood without --ood is a usage error

@@ -28,6 +28,9 @@ def _common(p: argparse.ArgumentParser, image_level: bool = True) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read/write cached features in RUN/eval/cache")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, draws and head initialisation")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    if image_level:
+        p.add_argument("--features", default="cls", help="feature kind of logreg / fewshot / ood: cls, mean_patch, "
+                       "both, cls_last4, cls_last4_mean, registers; KIND@W keeps the first W channels (Matryoshka)")
 
 
 def _linear_opts(p: argparse.ArgumentParser) -> None:
@@ -98,9 +101,11 @@ def settings_from_args(args: argparse.Namespace) -> dict:
     s: dict = {"knn": {"ks": g("k", [10, 20, 100, 200]), "kinds": g("knn_features", "cls").split(",")},
                "linear": {"epochs": g("epochs", 10), "batch_size": g("probe_batch_size", 1024),
                           "val_fraction": g("val_fraction", 0.1)},
-               "logreg": {"sweep_limit": g("sweep_limit", 10000), "max_iter": g("max_iter", 1000)},
-               "fewshot": {"shots": g("shots", [1, 5, 10]), "draws": g("draws", 5), "c": g("fewshot_C", 1.0)},
-               "ood": {"ks": g("ood_k", [1, 50])},
+               "logreg": {"sweep_limit": g("sweep_limit", 10000), "max_iter": g("max_iter", 1000),
+                          "kind": g("features", "cls")},
+               "fewshot": {"shots": g("shots", [1, 5, 10]), "draws": g("draws", 5), "c": g("fewshot_C", 1.0),
+                           "kind": g("features", "cls")},
+               "ood": {"ks": g("ood_k", [1, 50]), "kind": g("features", "cls")},
                "seg": {"epochs": g("seg_epochs", 20), "k": g("hb_k", 30), "temperature": g("hb_temperature", 0.02),
                        "memory_size": g("hb_memory", 200000), "ignore_index": g("ignore_index", 255),
                        "num_classes": g("num_classes", 0)},
@@ -112,8 +117,7 @@ def cmd_eval_protocol(args: argparse.Namespace) -> int:
     """Run one protocol (args.protocol) and print its results."""
     from fovea.eval.report import run_report
     suite = make_suite(args)
-    proto = args.protocol if args.protocol != "pictures" else "pictures"
-    res = run_report(suite, [proto], getattr(args, "out", "") or None, settings_from_args(args),
+    res = run_report(suite, [args.protocol], getattr(args, "out", "") or None, settings_from_args(args),
                      "fovea " + " ".join(shlex.quote(a) for a in sys.argv[1:]), strict=True)
     _print(res, args)
     return 0
