@@ -139,7 +139,7 @@ def cmd_rasa(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     size = args.size or data.get("eval_size") or crops.get("global_size") or backbone.cfg.img_size
     cfg = RasaConfig(rounds=args.rounds, steps=args.steps, ridge=args.ridge, min_head_r2=args.min_head_r2,
-                     progress=not args.no_progress)
+                     direction=args.direction, progress=not args.no_progress)
     folded, rep = run_rasa(backbone, fit_src, val_src, cfg, size, device, crops.get("mean"), crops.get("std"),
                            args.batch_size, args.workers, args.patches_per_image, args.seed, knn, args.k,
                            args.temperature)
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=100, help="L-BFGS iterations of the position head per round")
     r.add_argument("--min-head-r2", type=float, default=0.01, help="stop early once a round's position head "
                    "predicts held-out position with R^2 below this (nothing left to remove); < 0: run all rounds")
+    r.add_argument("--direction", choices=["head", "covariance"], default="head",
+                   help="what each round removes: the sigmoid head's two rows (Franca's RASA) or the two rows of "
+                   "the features/position cross-covariance (kills linear decodability in one round)")
     r.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the closed-form R^2 regressor "
                    "and patch probe")
     r.add_argument("--patches-per-image", type=int, default=0, help="random patches kept per image (0 = all)")

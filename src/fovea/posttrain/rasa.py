@@ -16,6 +16,12 @@ A second one: rounds stop early when the round's position head reaches a held-ou
 ``min_head_r2`` (it found no position left; its directions would be fitted noise, and removing
 them only costs semantic dimensions). ``min_head_r2 < 0`` runs all rounds like the released code.
 
+Option ``direction="covariance"`` removes the rows of the features/position cross-covariance
+instead of the head's weights. The head's weights point where a regressor reads position
+(roughly Sigma^-1 c), not where the features vary with position (c), so each round leaves a linear
+residue and R^2 decays slowly over rounds; removing span(c_row, c_col) leaves no linear residue
+at all on the fit patches.
+
 The driver :func:`run_rasa` (feature extraction over image sources, reports, k-NN) lives in
 :mod:`fovea.posttrain.rasa_run`.
 """
@@ -41,6 +47,7 @@ class RasaConfig:
     steps: int = 100  # L-BFGS iterations of the sigmoid position head per round
     ridge: float = 1e-3  # relative ridge of the closed-form evaluation regressors (x mean diagonal of X^T X)
     min_head_r2: float = 0.01  # stop when a round's head predicts held-out position worse than this (< 0: never)
+    direction: str = "head"  # head: the sigmoid head's rows (METHODS/Franca) | covariance: cross-covariance rows
     progress: bool = True  # tqdm bars
 
 
@@ -49,8 +56,8 @@ class RoundResult:
     """What one round found and how well position can still be predicted afterwards."""
 
     round: int  # 1-based
-    fit_mse: float  # final MSE of the sigmoid head on the fit patches
-    head_r2: float  # R^2 of the sigmoid head itself on held-out patches (before this round's removal)
+    fit_mse: float | None  # final MSE of the sigmoid head on the fit patches (None: covariance direction)
+    head_r2: float  # held-out R^2 of the head (covariance direction: of a fresh linear regressor) before removal
     fresh_r2: dict = field(default_factory=dict)  # fresh linear regressor after removal: {row, col, mean}
     basis: Tensor | None = None  # [2, D] orthonormal rows added to the removed set
 
@@ -103,7 +110,8 @@ def fit_position_head(x: Tensor, y: Tensor, steps: int = 100, progress: bool = F
     """
     x32, y32 = x.float(), y.float()
     w = torch.zeros(y.shape[1], x.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe",
+    # one iteration per step() call (for the progress bar); max_eval must leave room for the line search
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=1, max_eval=30, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-12)
 
     def closure() -> Tensor:
@@ -175,6 +183,16 @@ def patch_probe_accuracy(x_train: Tensor, labels_train: Tensor, x_test: Tensor, 
     return float((pred == labels_test).double().mean() * 100)
 
 
+def cross_covariance(x: Tensor, y: Tensor) -> Tensor:
+    """Cross-covariance rows C [K, D] = (y - mean y)^T (x - mean x) / N for x [N, D], y [N, K] (float64).
+
+    Removing span(C's rows) leaves no linear covariance between features and targets on these
+    samples, so a fresh least-squares regressor (with bias) predicts the constant mean.
+    """
+    x, y = x.double(), y.double()
+    return (y - y.mean(0)).T @ (x - x.mean(0)) / x.shape[0]
+
+
 # ---------------------------------------------------------------------------------- rounds
 
 def rasa_rounds(x_fit: Tensor, y_fit: Tensor, x_val: Tensor, y_val: Tensor, cfg: RasaConfig,
@@ -194,8 +212,14 @@ def rasa_rounds(x_fit: Tensor, y_fit: Tensor, x_val: Tensor, y_val: Tensor, cfg:
     for r in bar:
         pf = p.float()
         xf, xv = x_fit.float() @ pf.T, x_val.float() @ pf.T  # every subspace found so far removed
-        w, mse = fit_position_head(xf, y_fit, cfg.steps, cfg.progress, desc=f"RASA round {r}/{cfg.rounds}")
-        head_r2 = float(r2_score(torch.sigmoid(xv @ w.T), y_val).mean())
+        if cfg.direction == "head":
+            w, mse = fit_position_head(xf, y_fit, cfg.steps, cfg.progress, desc=f"RASA round {r}/{cfg.rounds}")
+            head_r2: float = float(r2_score(torch.sigmoid(xv @ w.T), y_val).mean())
+        elif cfg.direction == "covariance":
+            w, mse = cross_covariance(xf, y_fit), None
+            head_r2 = position_r2(xf, y_fit, xv, y_val, cfg.ridge)["mean"]
+        else:
+            raise ValueError(f"unknown RASA direction {cfg.direction!r}; choose head or covariance")
         if head_r2 < cfg.min_head_r2:
             bar.write(f"RASA round {r}: the position head reaches held-out R^2 {head_r2:.4f} < min_head_r2 "
                       f"{cfg.min_head_r2}: no position left to remove; stopping after {r - 1} rounds")

@@ -102,7 +102,8 @@ def run_rasa(backbone: VisionTransformer, fit_source: ImageSource, val_source: I
           f"position R^2 before: {before['mean']:.4f}", flush=True)
 
     def log(res, _p) -> None:
-        tqdm.write(f"[rasa] round {res.round}: head MSE {res.fit_mse:.5f}, head R^2 {res.head_r2:.4f}, "
+        mse = f"{res.fit_mse:.5f}" if res.fit_mse is not None else "-"
+        tqdm.write(f"[rasa] round {res.round}: head MSE {mse}, head R^2 {res.head_r2:.4f}, "
                    f"fresh regressor R^2 {res.fresh_r2['mean']:.4f} (row {res.fresh_r2['row']:.4f}, "
                    f"col {res.fresh_r2['col']:.4f})")
 
@@ -151,7 +152,8 @@ def report_markdown(rep: dict) -> str:
     lines = ["# RASA report", "",
              f"{rep['n_fit_images']} fit images / {rep['n_heldout_images']} held-out images at {rep['size']} px "
              f"(grid {rep['grid'][0]}x{rep['grid'][1]}, D = {rep['dim']}); {rep['config']['rounds']} rounds, "
-             f"{rep['projection']['removed_dims']} dimensions removed.", "",
+             f"{rep['projection']['removed_dims']} dimensions removed "
+             f"(direction: {rep['config']['direction']}).", "",
              "Position R^2: a fresh closed-form linear regressor (with bias) of the patch's normalised (row, col), "
              "fitted on the fit patches, measured on held-out patches.", "",
              "| round | head MSE | head R^2 (held-out) | fresh R^2 row | fresh R^2 col | fresh R^2 mean |",
@@ -159,7 +161,8 @@ def report_markdown(rep: dict) -> str:
              f"| before | | | {b['row']:.4f} | {b['col']:.4f} | {b['mean']:.4f} |"]
     for r in rep["rounds"]:
         f = r["fresh_r2_heldout"]
-        lines.append(f"| {r['round']} | {r['fit_mse']:.5f} | {r['head_r2_heldout']:.4f} | {f['row']:.4f} | "
+        mse = f"{r['fit_mse']:.5f}" if r["fit_mse"] is not None else "-"
+        lines.append(f"| {r['round']} | {mse} | {r['head_r2_heldout']:.4f} | {f['row']:.4f} | "
                      f"{f['col']:.4f} | {f['mean']:.4f} |")
     if "knn" in rep:
         k = rep["knn"]
