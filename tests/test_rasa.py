@@ -192,3 +192,18 @@ def test_rasa_help_describes_every_option() -> None:
     for action in sub._actions:
         assert action.help, action.dest
     assert "(default: 9)" in sub.format_help()
+
+
+def test_covariance_direction_removes_planted_position_in_one_round() -> None:
+    dim = 24
+    q = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(3)))[0].T
+    xf, yf, _ = planted(150, 1, q)
+    xv, yv, _ = planted(80, 2, q)
+    pmat, rounds = rasa_rounds(xf, yf, xv, yv, RasaConfig(rounds=3, direction="covariance", progress=False))
+    assert len(rounds) == 1  # nothing linear left after one round -> early stop
+    assert rounds[0].fit_mse is None and abs(rounds[0].fresh_r2["mean"]) < 0.01
+    # the planted position is exactly linear along q0, q1 with isotropic noise: the removed plane is ~span(q0, q1)
+    assert (q[:2].double() @ pmat.T).norm() < 0.05
+    assert float(q[2].double() @ pmat @ q[2].double()) > 0.99
+    with pytest.raises(ValueError, match="direction"):
+        rasa_rounds(xf, yf, xv, yv, RasaConfig(rounds=1, direction="sideways", progress=False))
