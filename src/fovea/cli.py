@@ -94,6 +94,76 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rasa(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from fovea.config.loader import build_section
+    from fovea.data.sources import SourceConfig, SubsetSource, build_source
+    from fovea.hub.backbone import export_backbone, load_backbone
+    from fovea.posttrain.rasa import RasaConfig
+    from fovea.posttrain.rasa_run import run_rasa, write_report
+
+    backbone, meta = load_backbone(args.backbone, which=args.which)
+    data = meta.get("data", {}) or {}
+    crops = meta.get("crops", {}) or {}
+
+    def source(spec: str | None, key: str, limit: int, what: str) -> object:
+        fields = _parse_source(spec) if spec else (data.get(key) if key else None)
+        if not fields:
+            raise ConfigError(f"no {what} given and the backbone's config has no data.{key}")
+        cfg = build_section(SourceConfig, {k: v for k, v in fields.items() if k in SourceConfig.__dataclass_fields__})
+        cfg.limit, cfg.seed = limit, args.seed
+        return build_source(cfg)
+
+    if args.heldout:
+        fit_src = source(args.data, "train", args.limit, "--data")
+        val_src = source(args.heldout, "", args.limit_heldout, "--heldout")
+    else:  # disjoint random images of --data
+        both = source(args.data, "train", args.limit + args.limit_heldout if args.limit else 0, "--data")
+        perm = np.random.default_rng(args.seed).permutation(len(both))
+        n_val = args.limit_heldout if args.limit else len(both) // 3
+        if not 0 < n_val < len(both):
+            raise ConfigError(f"cannot hold out {n_val} of the {len(both)} images of {both.name}")
+        fit_src = SubsetSource(both, np.sort(perm[n_val:]), "RASA fit part")
+        val_src = SubsetSource(both, np.sort(perm[:n_val]), "RASA held-out part")
+    knn = None
+    if not args.no_knn:
+        tr = args.knn_train or (None if data.get("eval_train") else "")
+        te = args.knn_test or (None if data.get("eval_test") else "")
+        if tr == "" or te == "":
+            print("[rasa] no k-NN data (--knn-train/--knn-test, or data.eval_train/eval_test): k-NN skipped")
+        else:
+            knn = (source(tr, "eval_train", args.knn_limit_train, "--knn-train"),
+                   source(te, "eval_test", args.knn_limit_test, "--knn-test"))
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = args.size or data.get("eval_size") or crops.get("global_size") or backbone.cfg.img_size
+    cfg = RasaConfig(rounds=args.rounds, steps=args.steps, ridge=args.ridge, min_head_r2=args.min_head_r2,
+                     direction=args.direction, progress=not args.no_progress)
+    folded, rep = run_rasa(backbone, fit_src, val_src, cfg, size, device, crops.get("mean"), crops.get("std"),
+                           args.batch_size, args.workers, args.patches_per_image, args.seed, knn, args.k,
+                           args.temperature)
+    src = Path(args.backbone)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "rasa"
+    rep["source_backbone"] = str(src)
+    extra = {k: v for k, v in meta.items() if k in ("crops", "data", "source_run")}
+    extra["crops"] = {k: crops[k] for k in ("mean", "std", "global_size") if k in crops}
+    extra["rasa"] = {"source_backbone": str(src), "rounds": len(rep["rounds"]),
+                     "position_r2_before": rep["position_r2_before"]["mean"],
+                     "position_r2_after": rep["position_r2_after"]["mean"]}
+    export_backbone(folded.cpu(), out, extra=extra)
+    js, md = write_report(rep, out)
+    b, a = rep["position_r2_before"]["mean"], rep["position_r2_after"]["mean"]
+    print(f"[rasa] position R^2 {b:.4f} -> {a:.4f}; backbone written to {out / 'backbone.safetensors'}; "
+          f"report {md} and {js.name}")
+    if "knn" in rep:
+        for kind in rep["knn"]["before"]:
+            pairs = "  ".join(f"{k}: {v:.2f} -> {rep['knn']['after'][kind][k]:.2f}"
+                              for k, v in rep["knn"]["before"][kind].items())
+            print(f"[rasa] k-NN {kind:<10} {pairs}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         tree = load_tree(name)
@@ -144,6 +214,51 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_eval_knn)
     from fovea.eval.commands import add_eval_commands
     add_eval_commands(esub)
+
+    r = sub.add_parser("rasa", help="RASA post-training: remove absolute position from patch features",
+                       description="RASA (METHODS.md section 4) on a frozen backbone: for R rounds, remove the "
+                       "subspaces found so far from the patch tokens, fit sigmoid(Linear(D, 2, no bias)) to each "
+                       "patch's normalised (row, col) with MSE (L-BFGS), Gram-Schmidt its two rows and add them to "
+                       "the removed set. The accumulated D x D map is folded into the backbone (model.patch_projection"
+                       "; CLS unchanged) and written with a report (position R^2 per round, k-NN before/after) to "
+                       "--out: backbone.safetensors, backbone.yaml, rasa_report.json, rasa_report.md.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("backbone", metavar="RUN_DIR_OR_BACKBONE",
+                   help="a run folder, a checkpoint .pt, or an exported backbone.safetensors")
+    r.add_argument("--data", metavar="SPEC", help="images to fit on: fmnist:train[:DIR], parquet:FILE or folder:DIR "
+                   "(default: the run's data.train)")
+    r.add_argument("--heldout", metavar="SPEC", help="held-out images for the position R^2, same forms as --data "
+                   "(default: disjoint random images of --data)")
+    r.add_argument("--limit", type=int, default=2000, help="fit images (random fixed subset; 0 = all of --data, "
+                   "then a third is held out when --heldout is not given)")
+    r.add_argument("--limit-heldout", type=int, default=1000, help="held-out images (0 with --heldout = all)")
+    r.add_argument("--rounds", type=int, default=9, help="RASA rounds R (2 dimensions removed per round)")
+    r.add_argument("--steps", type=int, default=100, help="L-BFGS iterations of the position head per round")
+    r.add_argument("--min-head-r2", type=float, default=0.01, help="stop early once a round's position head "
+                   "predicts held-out position with R^2 below this (nothing left to remove); < 0: run all rounds")
+    r.add_argument("--direction", choices=["head", "covariance"], default="head",
+                   help="what each round removes: the sigmoid head's two rows (Franca's RASA) or the two rows of "
+                   "the features/position cross-covariance (kills linear decodability in one round)")
+    r.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the closed-form R^2 regressor "
+                   "and patch probe")
+    r.add_argument("--patches-per-image", type=int, default=0, help="random patches kept per image (0 = all)")
+    r.add_argument("--out", default="", help="output folder (default: RUN_DIR/rasa, or rasa/ beside the file)")
+    r.add_argument("--knn-train", metavar="SPEC", help="k-NN bank (default: the run's data.eval_train)")
+    r.add_argument("--knn-test", metavar="SPEC", help="k-NN test set (default: the run's data.eval_test)")
+    r.add_argument("--knn-limit-train", type=int, default=5000, help="k-NN bank images (0 = all)")
+    r.add_argument("--knn-limit-test", type=int, default=2000, help="k-NN test images (0 = all)")
+    r.add_argument("--no-knn", action="store_true", help="skip the k-NN before/after figures")
+    r.add_argument("--k", type=int, nargs="+", default=[10, 20], help="k-NN numbers of neighbours")
+    r.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T")
+    r.add_argument("--size", type=int, default=0, help="input size in px (0 = the run's crops.global_size)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the image subsets and patch sampling")
+    r.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="which backbone of a training checkpoint")
+    r.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    r.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_rasa)
 
     pr = sub.add_parser("presets", help="list the shipped presets", description="List presets, one line each.")
     pr.set_defaults(func=cmd_presets)

@@ -42,6 +42,7 @@ class ViTConfig:
     depth: int = 0  # 0 = from arch
     num_heads: int = 0  # 0 = from arch
     mlp_ratio: float = 0.0  # 0 = from arch
+    patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
 
 
 class PatchEmbed(nn.Module):
@@ -172,6 +173,10 @@ class VisionTransformer(nn.Module):
             Block(dim, heads, ratio, cfg.qkv_bias, rates[i], cfg.layerscale_init, cfg.norm_eps)
             for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        # Optional fixed linear map P [D, D] on the final normalised patch tokens (x -> x @ P.T), e.g. the
+        # folded RASA removal. A buffer (saved/exported, never trained); absent by default, so the default
+        # state_dict keeps the DINOv2 layout.
+        self.register_buffer("patch_proj", torch.eye(dim) if cfg.patch_projection else None)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -224,11 +229,17 @@ class VisionTransformer(nn.Module):
             t = blk(t)
         return self._split(t, masks)
 
+    def project_patches(self, patches: Tensor) -> Tensor:
+        """Apply the optional patch projection: [..., D] -> [..., D] (``patches @ patch_proj.T``)."""
+        if self.patch_proj is None:
+            return patches
+        return patches @ self.patch_proj.to(patches.dtype).T
+
     def _split(self, t: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
         tn = self.norm(t)
         r = self.num_register_tokens
         return {"x_norm_clstoken": tn[:, 0], "x_norm_regtokens": tn[:, 1:1 + r],
-                "x_norm_patchtokens": tn[:, 1 + r:], "x_prenorm": t, "masks": masks}
+                "x_norm_patchtokens": self.project_patches(tn[:, 1 + r:]), "x_prenorm": t, "masks": masks}
 
     def forward_features_list(self, xs: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None
                               ) -> list[dict[str, Tensor | None]]:
@@ -265,7 +276,9 @@ class VisionTransformer(nn.Module):
         """Outputs of the last ``n`` blocks (or of the block indices in ``n``).
 
         Each output is patch tokens [B, Np, D] (or [B, D, h, w] with ``reshape``), paired with
-        the CLS token [B, D] when ``return_class_token``. Register tokens are dropped.
+        the CLS token [B, D] when ``return_class_token``. Register tokens are dropped. The patch
+        projection (if any) applies to the normalised output of the last block only, where it
+        equals ``x_norm_patchtokens``.
         """
         take = set(range(self.depth - n, self.depth)) if isinstance(n, int) else set(n)
         t = self.prepare_tokens(x)
@@ -278,7 +291,8 @@ class VisionTransformer(nn.Module):
             outs = [self.norm(o) for o in outs]
         r = self.num_register_tokens
         cls = [o[:, 0] for o in outs]
-        patches = [o[:, 1 + r:] for o in outs]
+        last = len(outs) - 1 if norm and self.depth - 1 in take else -1  # blocks run in order: last block last
+        patches = [self.project_patches(o[:, 1 + r:]) if i == last else o[:, 1 + r:] for i, o in enumerate(outs)]
         if reshape:
             b, _, h, w = x.shape
             p = self.patch_size
