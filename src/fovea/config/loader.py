@@ -176,7 +176,7 @@ def validate(cfg: RunConfig) -> None:
         if not cond:
             raise ConfigError(msg)
     from fovea.models.vit import ARCHS
-    need(cfg.method in ("dino",), f"method: unknown method {cfg.method!r}; available: dino")
+    need(cfg.method in ("dino", "ijepa"), f"method: unknown method {cfg.method!r}; available: dino, ijepa")
     need(cfg.model.arch in ARCHS, f"model.arch: unknown {cfg.model.arch!r}{_hint(cfg.model.arch, list(ARCHS))}; "
          f"choose one of {', '.join(ARCHS)}")
     p = cfg.model.patch_size
@@ -202,6 +202,19 @@ def validate(cfg: RunConfig) -> None:
          "dino.out_dim must be >= 0 (0 = auto); dino.student_temp and dino.teacher_temp > 0")
     need(0 <= cfg.optim.momentum_teacher <= 1 and 0 <= cfg.optim.momentum_teacher_end <= 1,
          "optim.momentum_teacher(_end) must be within [0, 1]")
+    need(cfg.optim.momentum_schedule in ("cosine", "linear"),
+         f"optim.momentum_schedule: {cfg.optim.momentum_schedule!r} not cosine/linear")
+    need(cfg.model.pos_embed in ("learned", "sincos"), f"model.pos_embed: {cfg.model.pos_embed!r} not learned/sincos")
+    j = cfg.ijepa
+    for key in ("target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale"):
+        v = getattr(j, key)
+        need(len(v) == 2 and 0 < v[0] <= v[1], f"ijepa.{key} must be [low, high] with 0 < low <= high, got {v}")
+    need(j.num_targets >= 1 and j.min_context >= 1, "ijepa.num_targets and ijepa.min_context must be >= 1")
+    need(j.equalize in ("pad", "subsample"), f"ijepa.equalize: {j.equalize!r} not pad/subsample")
+    need(j.loss in ("l2", "smooth_l1"), f"ijepa.loss: {j.loss!r} not l2/smooth_l1")
+    need(j.pred_dim > 0 and j.pred_depth > 0 and j.pred_heads >= 0, "ijepa.pred_dim/pred_depth must be > 0")
+    if cfg.method == "ijepa":
+        need(cfg.crops.global_size % p == 0, "crops.global_size (the I-JEPA view size) must be a multiple of patch_size")
     need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
          f"data.train.kind: {cfg.data.train.kind!r} not one of fmnist, parquet, folder")
 
