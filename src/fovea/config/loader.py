@@ -181,7 +181,10 @@ def validate(cfg: RunConfig) -> None:
          f"choose one of {', '.join(ARCHS)}")
     p = cfg.model.patch_size
     need(p > 0, "model.patch_size must be > 0")
-    for key, size in (("crops.global_size", cfg.crops.global_size), ("crops.local_size", cfg.crops.local_size)):
+    sizes = [("crops.global_size", cfg.crops.global_size)]
+    if cfg.method != "ijepa":  # I-JEPA uses one view (crops.global_size) and no local crops
+        sizes.append(("crops.local_size", cfg.crops.local_size))
+    for key, size in sizes:
         need(size > 0 and size % p == 0, f"{key}={size} must be a positive multiple of model.patch_size={p}")
     need(cfg.model.img_size % p == 0, f"model.img_size={cfg.model.img_size} must be a multiple of patch_size={p}")
     need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
@@ -213,8 +216,6 @@ def validate(cfg: RunConfig) -> None:
     need(j.equalize in ("pad", "subsample"), f"ijepa.equalize: {j.equalize!r} not pad/subsample")
     need(j.loss in ("l2", "smooth_l1"), f"ijepa.loss: {j.loss!r} not l2/smooth_l1")
     need(j.pred_dim > 0 and j.pred_depth > 0 and j.pred_heads >= 0, "ijepa.pred_dim/pred_depth must be > 0")
-    if cfg.method == "ijepa":
-        need(cfg.crops.global_size % p == 0, "crops.global_size (the I-JEPA view size) must be a multiple of patch_size")
     need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
          f"data.train.kind: {cfg.data.train.kind!r} not one of fmnist, parquet, folder")
 
