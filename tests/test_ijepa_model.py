@@ -242,5 +242,7 @@ def test_bad_ijepa_values_named() -> None:
         load_config("ijepa_vittiny_cifar10", ["ijepa.equalize=truncate"])
     with pytest.raises(ConfigError, match="ijepa.target_scale"):
         load_config("ijepa_vittiny_cifar10", ["ijepa.target_scale=[0.3,0.1]"])
+    with pytest.raises(ConfigError, match="model.cls_token"):
+        load_config("dino_vittiny_cifar10", ["model.cls_token=false"])
     with pytest.raises(ConfigError, match="model.pos_embed"):
         load_config("ijepa_vittiny_cifar10", ["model.pos_embed=rope"])

@@ -207,6 +207,7 @@ def validate(cfg: RunConfig) -> None:
          "optim.momentum_teacher(_end) must be within [0, 1]")
     need(cfg.optim.momentum_schedule in ("cosine", "linear"),
          f"optim.momentum_schedule: {cfg.optim.momentum_schedule!r} not cosine/linear")
+    need(cfg.model.cls_token or cfg.method != "dino", "model.cls_token=false: DINO needs the CLS token (I-JEPA does not)")
     need(cfg.model.pos_embed in ("learned", "sincos"), f"model.pos_embed: {cfg.model.pos_embed!r} not learned/sincos")
     j = cfg.ijepa
     for key in ("target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale"):
