@@ -176,12 +176,15 @@ def validate(cfg: RunConfig) -> None:
         if not cond:
             raise ConfigError(msg)
     from fovea.models.vit import ARCHS
-    need(cfg.method in ("dino",), f"method: unknown method {cfg.method!r}; available: dino")
+    need(cfg.method in ("dino", "ijepa"), f"method: unknown method {cfg.method!r}; available: dino, ijepa")
     need(cfg.model.arch in ARCHS, f"model.arch: unknown {cfg.model.arch!r}{_hint(cfg.model.arch, list(ARCHS))}; "
          f"choose one of {', '.join(ARCHS)}")
     p = cfg.model.patch_size
     need(p > 0, "model.patch_size must be > 0")
-    for key, size in (("crops.global_size", cfg.crops.global_size), ("crops.local_size", cfg.crops.local_size)):
+    sizes = [("crops.global_size", cfg.crops.global_size)]
+    if cfg.method != "ijepa":  # I-JEPA uses one view (crops.global_size) and no local crops
+        sizes.append(("crops.local_size", cfg.crops.local_size))
+    for key, size in sizes:
         need(size > 0 and size % p == 0, f"{key}={size} must be a positive multiple of model.patch_size={p}")
     need(cfg.model.img_size % p == 0, f"model.img_size={cfg.model.img_size} must be a multiple of patch_size={p}")
     need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
@@ -205,6 +208,18 @@ def validate(cfg: RunConfig) -> None:
     from fovea.eval.report import PROTOCOLS
     bad = [p for p in cfg.eval.final if p not in PROTOCOLS or p in ("ood", "seg")]
     need(not bad, f"eval.final: {bad} not among knn, linear, logreg, fewshot, pictures")
+    need(cfg.optim.momentum_schedule in ("cosine", "linear"),
+         f"optim.momentum_schedule: {cfg.optim.momentum_schedule!r} not cosine/linear")
+    need(cfg.model.cls_token or cfg.method != "dino", "model.cls_token=false: DINO needs the CLS token (I-JEPA does not)")
+    need(cfg.model.pos_embed in ("learned", "sincos"), f"model.pos_embed: {cfg.model.pos_embed!r} not learned/sincos")
+    j = cfg.ijepa
+    for key in ("target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale"):
+        v = getattr(j, key)
+        need(len(v) == 2 and 0 < v[0] <= v[1], f"ijepa.{key} must be [low, high] with 0 < low <= high, got {v}")
+    need(j.num_targets >= 1 and j.min_context >= 1, "ijepa.num_targets and ijepa.min_context must be >= 1")
+    need(j.equalize in ("pad", "subsample"), f"ijepa.equalize: {j.equalize!r} not pad/subsample")
+    need(j.loss in ("l2", "smooth_l1"), f"ijepa.loss: {j.loss!r} not l2/smooth_l1")
+    need(j.pred_dim > 0 and j.pred_depth > 0 and j.pred_heads >= 0, "ijepa.pred_dim/pred_depth must be > 0")
     need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
          f"data.train.kind: {cfg.data.train.kind!r} not one of fmnist, parquet, folder")
 

@@ -30,6 +30,25 @@ class DINOConfig:
 
 
 @dataclass
+class IJEPAConfig:
+    """I-JEPA masks, predictor and loss (the ``ijepa`` section; METHODS.md section 5)."""
+
+    num_targets: int = 4  # M target blocks per image
+    target_scale: list[float] = field(default_factory=lambda: [0.15, 0.2])  # target block area, fraction of the patch grid
+    target_aspect: list[float] = field(default_factory=lambda: [0.75, 1.5])  # target block aspect ratio (height/width) range
+    context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])  # context block area range (before removing targets)
+    context_aspect: list[float] = field(default_factory=lambda: [1.0, 1.0])  # context block aspect ratio range
+    min_context: int = 10  # resample the masks until the context keeps at least this many patches
+    equalize: str = "pad"  # equal-length batches: pad (attention mask) | subsample (random subsets, batch minimum)
+    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])  # RandomResizedCrop area range of the single view
+    flip_p: float = 0.0  # horizontal flip probability of the single view (I-JEPA: none)
+    pred_dim: int = 384  # predictor width
+    pred_depth: int = 12  # predictor blocks
+    pred_heads: int = 0  # predictor attention heads; 0 = the encoder's
+    loss: str = "l2"  # l2 (paper) | smooth_l1 (released code, beta 1)
+
+
+@dataclass
 class DataConfig:
     """Training images, loader settings and labelled splits for k-NN (the ``data`` section)."""
 
@@ -50,11 +69,13 @@ class OptimConfig:
     lr: float = 5e-4  # base lr, scaled by `lr_scaling`
     lr_scaling: str = "linear256"  # linear256 (DINO: lr*B/256) | sqrt1024 (DINOv2) | none
     min_lr: float = 1e-6  # final lr of the cosine schedule
-    warmup_epochs: float = 10.0  # linear lr warm-up from 0, in epochs
+    warmup_epochs: float = 10.0  # linear lr warm-up from `start_lr`, in epochs
+    start_lr: float = 0.0  # lr at step 0 of the warm-up (I-JEPA: 2e-4), scaled like `lr`
     weight_decay: float = 0.04  # initial weight decay (cosine schedule)
     weight_decay_end: float = 0.4  # final weight decay
     momentum_teacher: float = 0.0  # 0 = auto from the run length (0.996 for long runs)
-    momentum_teacher_end: float = 1.0  # final teacher momentum (cosine schedule)
+    momentum_teacher_end: float = 1.0  # final teacher momentum
+    momentum_schedule: str = "cosine"  # teacher momentum schedule: cosine (DINO) | linear (I-JEPA)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     clip_grad: float = 3.0  # 0 = off
     clip_mode: str = "per_param"  # per_param (DINO v1) | global
@@ -102,12 +123,13 @@ class TrainConfig:
 class RunConfig:
     """A whole run: method, model, data, optimisation, evaluation."""
 
-    method: str = "dino"  # training method: dino
+    method: str = "dino"  # training method: dino | ijepa
     name: str = ""  # preset or experiment name (used in the default output_dir)
     description: str = ""  # one line shown by `fovea presets`
     output_dir: str = ""  # run folder; "" = runs/<name>
     model: ViTConfig = field(default_factory=ViTConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
+    ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

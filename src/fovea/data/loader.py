@@ -7,7 +7,7 @@ step ``s`` continues with exactly the batch it would have drawn.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -90,11 +90,15 @@ def collate_eval(items: list[tuple[torch.Tensor, int, int]]) -> dict:
             "skipped": sum(it[2] for it in items)}
 
 
-def make_train_loader(ds: MultiCropDataset, batch_size: int, rank: int, world: int, seed: int, epoch: int,
-                      start_step: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """DataLoader over one epoch (from ``start_step``) with a private generator (leaves global RNG alone)."""
+def make_train_loader(ds: Dataset, batch_size: int, rank: int, world: int, seed: int, epoch: int,
+                      start_step: int, num_workers: int, pin_memory: bool = False,
+                      collate_fn: Callable[[list], dict] = collate_multicrop) -> DataLoader:
+    """DataLoader over one epoch (from ``start_step``) with a private generator (leaves global RNG alone).
+
+    ``ds`` is keyed by (epoch, index); ``collate_fn`` is the method's (multi-crop by default).
+    """
     sampler = EpochBatchSampler(len(ds), batch_size, rank, world, seed, epoch, start_step)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_multicrop,
+    return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 

@@ -14,9 +14,22 @@ from fovea.models.vit import VisionTransformer
 FEATURE_KINDS = ("cls", "mean_patch", "both")
 
 
+def available_kinds(backbone: VisionTransformer, kinds: list[str]) -> list[str]:
+    """The feature kinds ``backbone`` can produce, in order, without duplicates.
+
+    A backbone without CLS token (I-JEPA, ``model.cls_token=false``) has no ``cls`` / ``both``
+    features: they are replaced by ``mean_patch`` (the protocol of METHODS.md section 5).
+    """
+    if getattr(backbone, "cls_token", None) is None:
+        kinds = ["mean_patch" if k in ("cls", "both") else k for k in kinds]
+    return list(dict.fromkeys(kinds))
+
+
 def pool_features(out: dict, kind: str) -> Tensor:
     """Backbone output dict -> [B, D] (cls, mean_patch) or [B, 2D] (both: each part L2-normalised)."""
     cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
+    if cls is None and kind in ("cls", "both"):
+        raise ValueError(f"feature kind {kind!r} needs a CLS token; this backbone has none (use mean_patch)")
     if kind == "cls":
         return cls
     if kind == "mean_patch":

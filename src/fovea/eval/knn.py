@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fovea.eval.features import extract_features
+from fovea.eval.features import available_kinds, extract_features
 
 
 def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, ks: list[int],
@@ -56,8 +56,10 @@ def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature
                  mean=None, std=None, progress: bool = True) -> dict:
     """Extract features of both splits once and report k-NN top-1 (%) per feature kind and k.
 
-    Returns {"features": {kind: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}.
+    Returns {"features": {kind: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}. For a
+    backbone without CLS token, ``cls`` / ``both`` are evaluated as ``mean_patch`` (and reported so).
     """
+    kinds = available_kinds(backbone, kinds)
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     ftr, ytr, s1 = extract_features(backbone, train_source, size, kinds, device, batch_size, num_workers,
                                     mean, std, progress, "k-NN train features")

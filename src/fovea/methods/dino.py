@@ -99,7 +99,6 @@ class DINO(Method):
 
 
 def build_method(cfg: RunConfig) -> Method:
-    """Instantiate the method named by ``cfg.method``."""
-    if cfg.method == "dino":
-        return DINO(cfg)
-    raise ValueError(f"unknown method {cfg.method!r}")
+    """Instantiate the method named by ``cfg.method`` (kept here for callers; see methods/registry.py)."""
+    from fovea.methods.registry import build_method as build
+    return build(cfg)

@@ -1,6 +1,7 @@
-"""Vision Transformer backbone (METHODS.md section 3).
+"""Vision Transformer backbone (METHODS.md sections 3 and 5).
 
-Token layout: ``[CLS, registers..., patches...]``. Parameter names follow the official
+Token layout: ``[CLS, registers..., patches...]`` (``model.cls_token=false``, as in I-JEPA:
+``[registers..., patches...]``). Parameter names follow the official
 DINOv2 backbones (``cls_token``, ``pos_embed``, ``register_tokens``, ``mask_token``,
 ``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,
 mlp.fc2,ls2.gamma}``, ``norm``) so that released weights load without renaming.
@@ -21,6 +22,7 @@ ARCHS: dict[str, tuple[int, int, int, float]] = {
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),
     "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
     "vit_giant": (1536, 40, 24, 4096 / 1536),
 }
 
@@ -29,7 +31,7 @@ ARCHS: dict[str, tuple[int, int, int, float]] = {
 class ViTConfig:
     """Backbone hyper-parameters (the ``model`` section of a run config)."""
 
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge | vit_giant
     patch_size: int = 16  # patch size in px
     img_size: int = 224  # resolution the positional embedding is stored at
     in_chans: int = 3  # input channels
@@ -43,6 +45,26 @@ class ViTConfig:
     num_heads: int = 0  # 0 = from arch
     mlp_ratio: float = 0.0  # 0 = from arch
     patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
+    cls_token: bool = True  # prepend a CLS token (false for I-JEPA: evaluation then uses the mean patch token)
+    pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter)
+
+
+def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
+    """Fixed 2-D sin-cos positional embedding [h*w, dim] in row-major patch order.
+
+    Half of the channels encode the row, half the column; each half is [sin(pos*f), cos(pos*f)]
+    with frequencies f_k = 10000^(-k/(dim/4)), k < dim/4. ``dim`` must be divisible by 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positional embedding needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+
+    def enc(pos: Tensor) -> Tensor:
+        ang = pos.to(torch.float64)[:, None] * freqs[None]
+        return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([enc(rows.flatten()), enc(cols.flatten())], dim=1).float()
 
 
 class PatchEmbed(nn.Module):
@@ -162,9 +184,14 @@ class VisionTransformer(nn.Module):
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"model.img_size {cfg.img_size} not divisible by patch_size {cfg.patch_size}")
         grid = cfg.img_size // cfg.patch_size
+        if cfg.pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"model.pos_embed: {cfg.pos_embed!r} not one of learned, sincos")
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.n_cls = int(cfg.cls_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token else None
+        # positions of [CLS (if any), patches]; sincos: fixed (CLS slot zero), not trained
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.n_cls + grid * grid, dim),
+                                      requires_grad=cfg.pos_embed == "learned")
         self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_register_tokens, dim))
                                 if cfg.num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
@@ -181,8 +208,15 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """Truncated-normal(0.02) for linear layers and embeddings, cls 1e-6 (DINOv2 style)."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cfg.pos_embed == "sincos":
+            g = int(math.isqrt(self.pos_embed.shape[1] - self.n_cls))
+            with torch.no_grad():
+                self.pos_embed.zero_()
+                self.pos_embed[0, self.n_cls:] = sincos_pos_embed_2d(self.embed_dim, g, g)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         for m in self.modules():
@@ -195,38 +229,66 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h_patches: int, w_patches: int) -> Tensor:
-        """Positional embedding [1, 1+h*w, D] for an h x w patch grid (bicubic; identity at the stored grid)."""
-        n = self.pos_embed.shape[1] - 1
-        g = int(math.isqrt(n))
+        """Positional embedding [1, C+h*w, D] (C = 1 with CLS, else 0) for an h x w patch grid.
+
+        Learned: bicubic interpolation (identity at the stored grid); sincos: recomputed for h x w.
+        """
+        c = self.n_cls
+        g = int(math.isqrt(self.pos_embed.shape[1] - c))
         if h_patches == g and w_patches == g:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        cls_pos = self.pos_embed[:, :c]
+        if self.cfg.pos_embed == "sincos":
+            patch_pos = sincos_pos_embed_2d(self.embed_dim, h_patches, w_patches).to(self.pos_embed)[None]
+            return torch.cat([cls_pos, patch_pos], dim=1)
+        patch_pos = self.pos_embed[:, c:]
         patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
         patch_pos = F.interpolate(patch_pos, size=(h_patches, w_patches), mode="bicubic", align_corners=False)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, -1)
         return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)
 
-    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
-        """Image [B,C,H,W] (+ bool masks [B,Np]) -> tokens [B, 1+R+Np, D].
+    @property
+    def n_prefix(self) -> int:
+        """Number of tokens before the patches (CLS + registers)."""
+        return self.n_cls + self.num_register_tokens
+
+    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """Image [B,C,H,W] (+ bool masks [B,Np]) -> tokens [B, C+R+Np, D] (C = 1 with CLS, else 0).
 
         Masked patches are replaced by the mask token BEFORE positions are added;
-        register tokens are inserted after the positional embedding.
+        register tokens are inserted after the positional embedding. ``keep`` [B, K] (patch
+        indices) keeps only those patches, after positions are added (I-JEPA context encoder):
+        the result is then [B, C+R+K, D].
         """
         b, _, h, w = x.shape
         tokens = self.patch_embed(x)
         if masks is not None:
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         tokens = tokens + self.interpolate_pos_encoding(h // self.patch_size, w // self.patch_size)
+        c = self.n_cls
+        if keep is not None:
+            patches = tokens[:, c:].gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+            tokens = torch.cat([tokens[:, :c], patches], dim=1)
         if self.register_tokens is not None:
-            tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
+            tokens = torch.cat([tokens[:, :c], self.register_tokens.expand(b, -1, -1), tokens[:, c:]], dim=1)
         return tokens
 
-    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor | None]:
-        """See the class docstring for the returned keys and shapes."""
-        t = self.prepare_tokens(x, masks)
+    def forward_features(self, x: Tensor, masks: Tensor | None = None, keep: Tensor | None = None,
+                         keep_valid: Tensor | None = None) -> dict[str, Tensor | None]:
+        """See the class docstring for the returned keys and shapes.
+
+        ``keep`` [B, K] long: encode only these patches (``x_norm_patchtokens`` is then [B, K, D]);
+        ``keep_valid`` [B, K] bool marks padding (False) that no token attends to.
+        """
+        t = self.prepare_tokens(x, masks, keep)
+        attn_mask = None
+        if keep_valid is not None:
+            valid = torch.cat([keep_valid.new_ones(t.shape[0], self.n_prefix), keep_valid], dim=1)
+            attn_mask = valid[:, None, None, :]  # [B, 1, 1, N]: True = may be attended to
         for blk in self.blocks:
-            t = blk(t)
+            t = blk(t, attn_mask)
         return self._split(t, masks)
 
     def project_patches(self, patches: Tensor) -> Tensor:
@@ -237,9 +299,9 @@ class VisionTransformer(nn.Module):
 
     def _split(self, t: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
         tn = self.norm(t)
-        r = self.num_register_tokens
-        return {"x_norm_clstoken": tn[:, 0], "x_norm_regtokens": tn[:, 1:1 + r],
-                "x_norm_patchtokens": self.project_patches(tn[:, 1 + r:]), "x_prenorm": t, "masks": masks}
+        c, r = self.n_cls, self.num_register_tokens
+        return {"x_norm_clstoken": tn[:, 0] if c else None, "x_norm_regtokens": tn[:, c:c + r],
+                "x_norm_patchtokens": self.project_patches(tn[:, c + r:]), "x_prenorm": t, "masks": masks}
 
     def forward_features_list(self, xs: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None
                               ) -> list[dict[str, Tensor | None]]:
@@ -280,6 +342,8 @@ class VisionTransformer(nn.Module):
         projection (if any) applies to the normalised output of the last block only, where it
         equals ``x_norm_patchtokens``.
         """
+        if return_class_token and self.cls_token is None:
+            raise ValueError("this backbone has no CLS token (model.cls_token=false); use the mean patch token")
         take = set(range(self.depth - n, self.depth)) if isinstance(n, int) else set(n)
         t = self.prepare_tokens(x)
         outs = []
@@ -289,10 +353,10 @@ class VisionTransformer(nn.Module):
                 outs.append(t)
         if norm:
             outs = [self.norm(o) for o in outs]
-        r = self.num_register_tokens
         cls = [o[:, 0] for o in outs]
         last = len(outs) - 1 if norm and self.depth - 1 in take else -1  # blocks run in order: last block last
-        patches = [self.project_patches(o[:, 1 + r:]) if i == last else o[:, 1 + r:] for i, o in enumerate(outs)]
+        np_ = self.n_prefix
+        patches = [self.project_patches(o[:, np_:]) if i == last else o[:, np_:] for i, o in enumerate(outs)]
         if reshape:
             b, _, h, w = x.shape
             p = self.patch_size
@@ -302,8 +366,11 @@ class VisionTransformer(nn.Module):
         return tuple(patches)
 
     def forward(self, x: Tensor) -> Tensor:
-        """CLS embedding [B, D]."""
-        return self.forward_features(x)["x_norm_clstoken"]  # type: ignore[return-value]
+        """CLS embedding [B, D] (mean patch token when the backbone has no CLS)."""
+        out = self.forward_features(x)
+        if out["x_norm_clstoken"] is None:
+            return out["x_norm_patchtokens"].mean(1)  # type: ignore[union-attr]
+        return out["x_norm_clstoken"]  # type: ignore[return-value]
 
 
 def build_vit(cfg: ViTConfig) -> VisionTransformer:

@@ -18,13 +18,12 @@ from tqdm import tqdm
 
 from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
-from fovea.data.augment import MultiCrop
-from fovea.data.loader import EpochBatchSampler, MultiCropDataset, make_train_loader
+from fovea.data.loader import EpochBatchSampler, make_train_loader
 from fovea.data.sources import build_source, probe_source
 from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
 from fovea.methods.base import Method, StepValues
-from fovea.methods.dino import build_method
+from fovea.methods.registry import build_method, build_train_data
 from fovea.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fovea.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from fovea.train.logging import MetricLogger
@@ -90,11 +89,17 @@ def resolve_auto(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
 def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
     """All scheduled hyper-parameters at ``step`` (per-iteration schedules, METHODS.md section 0)."""
     o, d = cfg.optim, cfg.dino
+    start_lr = o.start_lr * plan.peak_lr / o.lr if o.lr else 0.0  # scaled like the peak lr
+    if o.momentum_schedule == "linear":  # I-JEPA
+        momentum = o.momentum_teacher + (o.momentum_teacher_end - o.momentum_teacher) * min(
+            step / max(plan.total_steps - 1, 1), 1.0)
+    else:
+        momentum = cosine_schedule(step, plan.total_steps, o.momentum_teacher, o.momentum_teacher_end)
     return StepValues(
         step=step, epoch=step / plan.steps_per_epoch,
-        lr=cosine_schedule(step, plan.total_steps, plan.peak_lr, o.min_lr, plan.warmup_steps),
+        lr=cosine_schedule(step, plan.total_steps, plan.peak_lr, o.min_lr, plan.warmup_steps, start_lr),
         weight_decay=cosine_schedule(step, plan.total_steps, o.weight_decay, o.weight_decay_end),
-        momentum=cosine_schedule(step, plan.total_steps, o.momentum_teacher, o.momentum_teacher_end),
+        momentum=momentum,
         teacher_temp=linear_warmup_constant(step, plan.teacher_temp_warmup_steps, d.warmup_teacher_temp, d.teacher_temp),
         freeze_last_layer=step < plan.freeze_last_layer_steps)
 
@@ -115,7 +120,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
         barrier(self.info)
-        self.dataset = MultiCropDataset(self.source, MultiCrop(cfg.crops), cfg.train.seed)
+        self.dataset, self.collate = build_train_data(cfg, self.source)
         self.plan = make_plan(cfg, len(self.source), self.info.world)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method: Method = build_method(cfg).to(self.device)
@@ -192,8 +197,8 @@ class Trainer:
             self.results["knn"][tag] = res
             flat = {f"knn/{kind}/{k}": v for kind, accs in res["features"].items() for k, v in accs.items()}
             self.logger.log(self.step, flat)
-            main = res["features"][c.eval.knn.features]
-            print(f"[fovea] k-NN ({tag}, step {self.step}, {c.eval.knn.features}): "
+            main = res["features"][self._knn_kind(res)]
+            print(f"[fovea] k-NN ({tag}, step {self.step}, {self._knn_kind(res)}): "
                   + ", ".join(f"{k} {v:.2f}%" for k, v in main.items()) + f"  [{res['seconds']}s]", flush=True)
         barrier(self.info)
         return res
@@ -202,7 +207,7 @@ class Trainer:
     def train_step(self, batch: dict, sv: StepValues) -> dict[str, float]:
         """One optimizer step on ``batch``; returns the logged scalars of this rank."""
         apply_hparams(self.optimizer, sv.lr, sv.weight_decay)
-        batch["crops"] = [x.to(self.device, non_blocking=True) for x in batch["crops"]]
+        batch = {k: to_device(v, self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, logs = self.method.training_step(batch, sv)
         if not torch.isfinite(loss):
@@ -240,7 +245,7 @@ class Trainer:
             epoch, pos = divmod(self.step, plan.steps_per_epoch)
             loader = make_train_loader(self.dataset, c.data.batch_size, self.info.rank, self.info.world,
                                        c.train.seed, epoch, pos, c.data.num_workers,
-                                       pin_memory=self.device.type == "cuda")
+                                       pin_memory=self.device.type == "cuda", collate_fn=self.collate)
             for batch in loader:
                 self.skipped += int(batch["skipped"])
                 sv = step_values(c, plan, self.step)
@@ -256,7 +261,8 @@ class Trainer:
                     logs["skipped_images"] = self.skipped
                     n_imgs, t_last = 0, now
                     self.logger.log(self.step, logs)
-                    bar.set_postfix(loss=f"{logs.get('loss/dino', float('nan')):.4f}", lr=f"{sv.lr:.2e}",
+                    main_loss = next((v for k, v in logs.items() if k.startswith("loss/")), float("nan"))
+                    bar.set_postfix(loss=f"{main_loss:.4f}", lr=f"{sv.lr:.2e}",
                                     ips=f"{logs['images_per_s']:.0f}")
                 if self.step % plan.checkpoint_every == 0 and self.step < plan.total_steps:
                     self.save()
@@ -273,9 +279,11 @@ class Trainer:
                              "train_minutes_this_session": round(train_minutes, 2)})
         self.save(final=True)
         if self.info.is_main:
-            export_backbone(self.method.eval_backbone(), self.out,
+            bb = self.method.eval_backbone()
+            export_backbone(bb, self.out,
                             extra={"crops": {"mean": c.crops.mean, "std": c.crops.std,
-                                             "global_size": c.crops.global_size}, "source_run": str(self.out)})
+                                             "global_size": c.crops.global_size}, "source_run": str(self.out),
+                                   "eval_features": "cls" if bb.cls_token is not None else "mean_patch"})
             (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
             self._summary(train_minutes)
         self.logger.close()
@@ -287,6 +295,11 @@ class Trainer:
         cleanup()
         return self.results
 
+    def _knn_kind(self, res: dict) -> str:
+        """The configured k-NN feature kind, or mean_patch where the backbone has no CLS token."""
+        kind = self.cfg.eval.knn.features
+        return kind if kind in res["features"] else "mean_patch"
+
     def _summary(self, minutes: float) -> None:
         c, knn = self.cfg, self.results["knn"]
         lines = [f"[fovea] done: {self.step} steps, {minutes:.1f} min of training in this session"]
@@ -294,8 +307,9 @@ class Trainer:
             lines.append(f"[fovea] skipped {self.skipped} unreadable images (replaced by the next readable one)")
         for tag in ("start", "end"):
             if tag in knn:
-                accs = knn[tag]["features"][c.eval.knn.features]
-                lines.append(f"[fovea] k-NN {tag:5s} ({c.eval.knn.features}): "
+                kind = self._knn_kind(knn[tag])
+                accs = knn[tag]["features"][kind]
+                lines.append(f"[fovea] k-NN {tag:5s} ({kind}): "
                              + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
         lines += [f"[fovea] resolved config: {self.out / 'config.yaml'}",
                   f"[fovea] checkpoint:      {self.ckpt_dir / 'last.pt'}",
@@ -303,6 +317,15 @@ class Trainer:
                   f"[fovea] metrics:         {self.out / 'metrics.jsonl'} (TensorBoard: {self.out / 'tensorboard'})",
                   f"[fovea] results:         {self.out / 'results.json'}"]
         print("\n".join(lines), flush=True)
+
+
+def to_device(v: object, device: torch.device) -> object:
+    """Move a tensor, or the tensors of a list, to ``device`` (other values unchanged)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device, non_blocking=True)
+    if isinstance(v, (list, tuple)):
+        return [to_device(x, device) for x in v]
+    return v
 
 
 def train(cfg: RunConfig) -> dict:
