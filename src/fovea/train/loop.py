@@ -20,6 +20,7 @@ from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
 from fovea.data.augment import MultiCrop
 from fovea.data.loader import EpochBatchSampler, MultiCropDataset, make_train_loader
+from fovea.masking.block import BlockMasker
 from fovea.data.sources import build_source, probe_source
 from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
@@ -87,6 +88,25 @@ def resolve_auto(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
     return cfg
 
 
+def make_dataset(cfg: RunConfig, source, highres: bool = False) -> MultiCropDataset:
+    """Multi-crop dataset (+ iBOT block masks of the global crops); ``highres``: the high-res phase sizes."""
+    crops = copy.deepcopy(cfg.crops)
+    if highres:
+        crops.global_size = cfg.highres.global_size or crops.global_size
+        crops.local_size = cfg.highres.local_size or crops.local_size
+    masker = None
+    if cfg.ibot.enabled:
+        ib = cfg.ibot
+        masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, tuple(ib.mask_ratio),
+                             ib.mask_min_block)
+    return MultiCropDataset(source, MultiCrop(crops), cfg.train.seed, masker)
+
+
+def in_highres(cfg: RunConfig, plan: Plan, step: int) -> bool:
+    """True when ``step`` is in the last ``highres.steps`` steps (the high-resolution phase)."""
+    return cfg.highres.steps > 0 and step >= plan.total_steps - cfg.highres.steps
+
+
 def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
     """All scheduled hyper-parameters at ``step`` (per-iteration schedules, METHODS.md section 0)."""
     o, d = cfg.optim, cfg.dino
@@ -115,7 +135,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
         barrier(self.info)
-        self.dataset = MultiCropDataset(self.source, MultiCrop(cfg.crops), cfg.train.seed)
+        self.dataset = make_dataset(cfg, self.source)
         self.plan = make_plan(cfg, len(self.source), self.info.world)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method: Method = build_method(cfg).to(self.device)
@@ -203,6 +223,8 @@ class Trainer:
         """One optimizer step on ``batch``; returns the logged scalars of this rank."""
         apply_hparams(self.optimizer, sv.lr, sv.weight_decay)
         batch["crops"] = [x.to(self.device, non_blocking=True) for x in batch["crops"]]
+        if "masks" in batch:
+            batch["masks"] = batch["masks"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, logs = self.method.training_step(batch, sv)
         if not torch.isfinite(loss):
@@ -238,7 +260,9 @@ class Trainer:
         t_start, n_imgs, t_last = time.time(), 0, time.time()
         while self.step < plan.total_steps:
             epoch, pos = divmod(self.step, plan.steps_per_epoch)
-            loader = make_train_loader(self.dataset, c.data.batch_size, self.info.rank, self.info.world,
+            highres = in_highres(c, plan, self.step)  # crop sizes of this phase; schedules run on unchanged
+            dataset = make_dataset(c, self.source, highres=True) if highres else self.dataset
+            loader = make_train_loader(dataset, c.data.batch_size, self.info.rank, self.info.world,
                                        c.train.seed, epoch, pos, c.data.num_workers,
                                        pin_memory=self.device.type == "cuda")
             for batch in loader:
@@ -263,8 +287,8 @@ class Trainer:
                 if plan.eval_every and self.step % plan.eval_every == 0 and self.step < plan.total_steps:
                     self.knn(f"step{self.step}")
                     self.method.train()
-                if self.step >= plan.total_steps:
-                    break
+                if self.step >= plan.total_steps or in_highres(c, plan, self.step) != highres:
+                    break  # end, or the high-res phase starts: a new loader with the new crop sizes
         bar.close()
         train_minutes = (time.time() - t_start) / 60
         if c.eval.at_end:
