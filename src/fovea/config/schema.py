@@ -95,6 +95,7 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 = off
     clip_mode: str = "per_param"  # per_param (DINO v1) | global
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update during these first epochs
+    epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
     layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
 

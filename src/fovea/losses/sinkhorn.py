@@ -19,9 +19,11 @@ def sinkhorn_knopp(teacher: Tensor, teacher_temp: float, n_iters: int = 3,
     1/K (row sums all-reduced over ranks) and every sample (column) mass 1/B_total, ``n_iters`` times;
     the result is returned transposed and multiplied by B_total, so each sample's target sums to 1.
     ``B_total`` is ``n_total`` when given (e.g. the all-reduced number of masked patches), else the
-    all-reduced row count. The per-sample maximum of t / tau is subtracted before ``exp`` (the final
-    column normalisation cancels any per-sample factor and the fixed point is unchanged), so logits of
-    any size stay finite; a prototype with no mass at all is left at zero instead of dividing by 0.
+    all-reduced row count. The per-sample maximum of t / tau is subtracted before ``exp``, so logits of
+    any size stay finite (the official code overflows above ~3.5 at tau 0.04). A per-sample factor does
+    not change the Sinkhorn fixed point; after 3 iterations the result differs from the unshifted
+    algorithm only when row maxima differ, by the truncation of the iterations. A prototype with no
+    mass at all is left at zero instead of dividing by 0.
     """
     z = teacher.float() / teacher_temp
     q = torch.exp(z - z.max(dim=1, keepdim=True).values).t()  # [K, B], each column's max entry is 1

@@ -54,8 +54,9 @@ def make_plan(cfg: RunConfig, n_images: int, world: int) -> Plan:
         raise ValueError(f"data set has {n_images} images, fewer than one global batch "
                          f"({cfg.data.batch_size} x {world} ranks); lower data.batch_size")
     o = cfg.optim
-    total = o.max_steps or max(1, round(o.epochs * spe))
-    ep = lambda e: int(round(e * spe))  # noqa: E731
+    unit = o.epoch_length or spe  # steps per schedule "epoch" (DINOv2 counts 1250-step epochs)
+    total = o.max_steps or max(1, round(o.epochs * unit))
+    ep = lambda e: int(round(e * unit))  # noqa: E731
     return Plan(spe, total, min(ep(o.warmup_epochs), total), ep(cfg.dino.warmup_teacher_temp_epochs),
                 ep(o.freeze_last_layer_epochs), cfg.train.checkpoint_every_steps or spe,
                 ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world))
