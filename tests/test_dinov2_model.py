@@ -169,7 +169,7 @@ def _batch(b: int = 4, all_masked: bool | None = None) -> dict:
 
 
 @pytest.mark.parametrize("extra", [[], ["ibot.separate_head=false", "ibot.centering=ema"],
-                                   ["model.packing=packed", "model.drop_path_rate=0.2",
+                                   ["model.packing=packed", "model.drop_path_rate=0.2", "model.num_register_tokens=4",
                                     "model.drop_path_mode=efficient"]])
 def test_dinov2_training_step(extra: list[str]) -> None:
     cfg = load_config(None, TINY + extra)
