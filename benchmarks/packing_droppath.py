@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="images per step (each gives 2 + n_local crops)")
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (every variant once per round)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    ap.add_argument("--drop-path", type=float, default=0.4, help="stochastic-depth rate of the drop-path rows")
+    ap.add_argument("--drop-path", type=float, default=0.4, help="stochastic-depth rate of the drop-path rows (0 = none)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the preset's train.threads)")
     ap.add_argument("--impls", default="segments,mask,njt", help="packed attention implementations to time")
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     model = VisionTransformer(cfg.model).to(device).train()
     variants: list[tuple[str, str, str, float, str]] = []  # (name, packing, impl, rate, mode)
     impls = [i for i in args.impls.split(",") if i]
-    for rate, modes in ((0.0, ["plain"]), (args.drop_path, ["plain", "efficient"])):
+    rates = ((0.0, ["plain"]),) + (((args.drop_path, ["plain", "efficient"]),) if args.drop_path > 0 else ())
+    for rate, modes in rates:
         for mode in modes:
             suffix = "" if rate == 0 else f" dp{rate:g}/{mode}"
             variants.append(("unpacked" + suffix, "unpacked", "segments", rate, mode))
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             dt = step(model, xs, masks, device, bf16)
             if r >= args.warmup:
                 times[name].append(dt)
+            print(f"  round {r}{' (warm-up)' if r < args.warmup else ''}: {name:<34} {dt:.3f} s", flush=True)
 
     base = statistics.median(times["unpacked"])
     rows = []

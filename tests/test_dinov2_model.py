@@ -290,3 +290,29 @@ def test_epoch_length_turns_dinov2_epochs_into_steps() -> None:
     assert (plan.total_steps, plan.warmup_steps, plan.teacher_temp_warmup_steps) == (625_000, 100_000, 37_500)
     assert plan.freeze_last_layer_steps == 1250 and plan.steps_per_epoch == 14_197_122 // 3072
     assert plan.peak_lr == pytest.approx(2e-4 * 3 ** 0.5)
+
+
+def test_packing_droppath_benchmark_smoke(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "packing_droppath.py"
+    spec = importlib.util.spec_from_file_location("packing_droppath", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    n = torch.get_num_threads()
+    try:
+        out = tmp_path / "b.json"
+        assert mod.main(["dinov2_vittiny_cifar10", "model.depth=1", "model.embed_dim=48", "model.num_heads=3",
+                         "--batch-size", "2", "--steps", "1", "--warmup", "0", "--impls", "segments,mask",
+                         "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    res = json.loads(out.read_text())
+    names = [r["variant"] for r in res["rows"]]
+    assert names == ["unpacked", "packed/segments", "packed/mask", "unpacked dp0.4/plain",
+                     "packed/segments dp0.4/plain", "packed/mask dp0.4/plain", "unpacked dp0.4/efficient",
+                     "packed/segments dp0.4/efficient", "packed/mask dp0.4/efficient"]
+    # 2 images x (2 global crops of 1 + 16 tokens + 6 local crops of 1 + 4 tokens)
+    assert res["tokens_per_step"] == 2 * (2 * 17 + 6 * 5)
+    assert all(r["median_s"] > 0 for r in res["rows"]) and res["rows"][0]["speedup_vs_unpacked"] == 1.0
