@@ -317,12 +317,12 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     # ---- batches
     real = not args.synthetic
     if real:
-        from fovea.data.augment import MultiCrop
-        from fovea.data.loader import MultiCropDataset, make_train_loader
+        from fovea.data.loader import make_train_loader
         from fovea.data.sources import build_source, probe_source
+        from fovea.train.loop import make_dataset
         source = build_source(cfg.data.train)
         probe_source(source)
-        dataset = MultiCropDataset(source, MultiCrop(cfg.crops), cfg.train.seed)
+        dataset = make_dataset(cfg, source)  # as the Trainer builds it (iBOT masks included)
         plan = make_plan(cfg, len(source), 1)
         res_n_images = (len(source), "data.train")
         state = {"epoch": 0, "it": None}
@@ -340,9 +340,18 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         plan = make_plan(cfg, n_images, 1)
         res_n_images = (n_images, n_images_from)
         crops = synthetic_crops(cfg, device)
+        extra = {}
+        if cfg.ibot.enabled:  # iBOT block masks of the global crops, as the collate makes them
+            import numpy as np
+
+            from fovea.masking.block import BlockMasker
+            mk = BlockMasker(cfg.crops.global_size // cfg.model.patch_size, cfg.ibot.mask_prob,
+                             tuple(cfg.ibot.mask_ratio), cfg.ibot.mask_min_block)
+            m = torch.from_numpy(np.stack([mk(i) for i in range(b)]))
+            extra["masks"] = m.transpose(0, 1).reshape(2 * b, -1).to(device)
 
         def next_batch() -> dict:
-            return {"crops": list(crops), "skipped": 0}
+            return {"crops": list(crops), "skipped": 0, **extra}
 
     step = args.start_step if args.start_step is not None else plan.freeze_last_layer_steps
 

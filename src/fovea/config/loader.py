@@ -176,14 +176,26 @@ def validate(cfg: RunConfig) -> None:
         if not cond:
             raise ConfigError(msg)
     from fovea.models.vit import ARCHS
-    need(cfg.method in ("dino", "ijepa"), f"method: unknown method {cfg.method!r}; available: dino, ijepa")
+    need(cfg.method in ("dino", "dinov2", "ijepa"), f"method: unknown method {cfg.method!r}; available: dino, dinov2, ijepa")
+    for key, val, ok in (("model.ffn", cfg.model.ffn, ("mlp", "swiglu")),
+                         ("model.drop_path_mode", cfg.model.drop_path_mode, ("plain", "efficient")),
+                         ("model.packing", cfg.model.packing, ("auto", "packed", "unpacked")),
+                         ("model.packed_attention", cfg.model.packed_attention, ("segments", "mask", "njt")),
+                         ("dino.centering", cfg.dino.centering, ("ema", "sinkhorn")),
+                         ("ibot.centering", cfg.ibot.centering, ("same", "ema", "sinkhorn"))):
+        need(val in ok, f"{key}: {val!r} not one of {', '.join(ok)}")
+    r = cfg.ibot.mask_ratio
+    need(len(r) == 2 and 0 <= r[0] <= r[1] <= 1, f"ibot.mask_ratio must be [low, high] within [0, 1], got {r}")
+    need(0 <= cfg.ibot.mask_prob <= 1, f"ibot.mask_prob must be within [0, 1], got {cfg.ibot.mask_prob}")
+    need(0 <= cfg.model.drop_path_rate < 1, f"model.drop_path_rate must be within [0, 1), got {cfg.model.drop_path_rate}")
+    need(cfg.highres.steps >= 0, "highres.steps must be >= 0")
     need(cfg.model.arch in ARCHS, f"model.arch: unknown {cfg.model.arch!r}{_hint(cfg.model.arch, list(ARCHS))}; "
          f"choose one of {', '.join(ARCHS)}")
     p = cfg.model.patch_size
     need(p > 0, "model.patch_size must be > 0")
-    sizes = [("crops.global_size", cfg.crops.global_size)]
+    sizes = [("crops.global_size", cfg.crops.global_size), ("highres.global_size", cfg.highres.global_size or p)]
     if cfg.method != "ijepa":  # I-JEPA uses one view (crops.global_size) and no local crops
-        sizes.append(("crops.local_size", cfg.crops.local_size))
+        sizes += [("crops.local_size", cfg.crops.local_size), ("highres.local_size", cfg.highres.local_size or p)]
     for key, size in sizes:
         need(size > 0 and size % p == 0, f"{key}={size} must be a positive multiple of model.patch_size={p}")
     need(cfg.model.img_size % p == 0, f"model.img_size={cfg.model.img_size} must be a multiple of patch_size={p}")

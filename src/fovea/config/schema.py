@@ -26,7 +26,43 @@ class DINOConfig:
     teacher_temp: float = 0.04  # final teacher temperature
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
     warmup_teacher_temp_epochs: float = 0.0  # epochs of linear teacher-temperature warm-up
-    center_momentum: float = 0.9  # EMA momentum of the teacher centre
+    center_momentum: float = 0.9  # EMA momentum of the teacher centre (centering=ema)
+    centering: str = "ema"  # teacher centering: ema (DINO centre) | sinkhorn (Sinkhorn-Knopp, DINOv2)
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (centering=sinkhorn)
+    loss_weight: float = 1.0  # weight of the DINO CLS term in the total loss
+
+
+@dataclass
+class IBOTConfig:
+    """iBOT masked-patch loss (the ``ibot`` section, METHODS.md section 2)."""
+
+    enabled: bool = False  # add the iBOT patch loss (student global crops masked, teacher unmasked)
+    loss_weight: float = 1.0  # weight of the patch term in the total loss
+    mask_prob: float = 0.5  # probability that a global crop is masked
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # masked fraction r ~ U(low, high)
+    mask_min_block: int = 4  # smallest block (in patches) of the block masking
+    separate_head: bool = True  # own patch head (DINOv2 large, Franca); false = share the DINO head (iBOT)
+    out_dim: int = 0  # patch-head prototypes K; 0 = dino.out_dim (ignored when sharing the head)
+    hidden_dim: int = 0  # patch-head MLP width; 0 = dino.hidden_dim
+    bottleneck_dim: int = 0  # patch-head bottleneck; 0 = dino.bottleneck_dim
+    centering: str = "same"  # same (as dino.centering) | ema | sinkhorn
+    center_momentum: float = 0.9  # EMA momentum of the patch centre (centering=ema)
+
+
+@dataclass
+class KoLeoConfig:
+    """KoLeo regulariser on the student's backbone CLS of each global crop (the ``koleo`` section)."""
+
+    weight: float = 0.0  # loss weight; 0 = off (DINOv2: 0.1)
+
+
+@dataclass
+class HighResConfig:
+    """High-resolution phase at the end of training (the ``highres`` section, DINOv2 adaptation)."""
+
+    steps: int = 0  # the last N steps use the sizes below (0 = off); schedules continue unchanged
+    global_size: int = 0  # global crop size in the phase (e.g. 518); 0 = crops.global_size
+    local_size: int = 0  # local crop size in the phase; 0 = crops.local_size
 
 
 @dataclass
@@ -80,6 +116,9 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 = off
     clip_mode: str = "per_param"  # per_param (DINO v1) | global
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update during these first epochs
+    epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
+    layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
+    patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
 
 
 @dataclass
@@ -123,13 +162,16 @@ class TrainConfig:
 class RunConfig:
     """A whole run: method, model, data, optimisation, evaluation."""
 
-    method: str = "dino"  # training method: dino | ijepa
+    method: str = "dino"  # dino | dinov2 (one self-distillation family; the ibot/koleo/centering keys select parts) | ijepa
     name: str = ""  # preset or experiment name (used in the default output_dir)
     description: str = ""  # one line shown by `fovea presets`
     output_dir: str = ""  # run folder; "" = runs/<name>
     model: ViTConfig = field(default_factory=ViTConfig)
     dino: DINOConfig = field(default_factory=DINOConfig)
     ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
+    highres: HighResConfig = field(default_factory=HighResConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fovea.data.augment import MultiCrop, eval_transform
 from fovea.data.sources import ImageSource, fetch_with_replacement
+from fovea.masking.block import BlockMasker
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -23,18 +24,25 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiCropDataset(Dataset):
-    """Item key (epoch, index) -> (list of uint8 crops [3,S,S], number of unreadable items skipped)."""
+    """Item key (epoch, index) -> (uint8 crops [3,S,S], unreadable items skipped, masks or None).
 
-    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int) -> None:
-        self.source, self.transform, self.seed = source, transform, seed
+    With a ``masker`` (iBOT), the item also holds bool masks [2, Np] of the two global crops, drawn
+    from the same per-sample seed as the crops (a pure function of (seed, epoch, index)).
+    """
+
+    def __init__(self, source: ImageSource, transform: MultiCrop, seed: int,
+                 masker: BlockMasker | None = None) -> None:
+        self.source, self.transform, self.seed, self.masker = source, transform, seed, masker
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, torch.Tensor | None]:
         epoch, index = key
         img, _, skipped = fetch_with_replacement(self.source, index)
-        return self.transform(img, sample_seed(self.seed, epoch, index)), skipped
+        s = sample_seed(self.seed, epoch, index)
+        masks = torch.from_numpy(self.masker(s, 2)) if self.masker is not None else None
+        return self.transform(img, s), skipped, masks
 
 
 class EvalDataset(Dataset):
@@ -76,11 +84,15 @@ class EpochBatchSampler(Sampler):
             yield [(self.epoch, i) for i in perm[lo:lo + self.b]]
 
 
-def collate_multicrop(items: list[tuple[list[torch.Tensor], int]]) -> dict:
-    """-> {"crops": [crop_i stacked over the batch: uint8 [B,3,S_i,S_i]], "skipped": int}."""
+def collate_multicrop(items: list[tuple]) -> dict:
+    """-> {"crops": [crop_i stacked over the batch: uint8 [B,3,S_i,S_i]], "skipped": int}, plus
+    "masks": bool [2B, Np] (rows: global crop 1 of every image, then global crop 2) when items hold masks."""
     n_crops = len(items[0][0])
     crops = [torch.stack([it[0][i] for it in items]) for i in range(n_crops)]
-    return {"crops": crops, "skipped": sum(it[1] for it in items)}
+    out = {"crops": crops, "skipped": sum(it[1] for it in items)}
+    if len(items[0]) > 2 and items[0][2] is not None:
+        out["masks"] = torch.stack([it[2] for it in items]).transpose(0, 1).reshape(-1, items[0][2].shape[-1])
+    return out
 
 
 def collate_eval(items: list[tuple[torch.Tensor, int, int]]) -> dict:

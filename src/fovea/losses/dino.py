@@ -1,4 +1,4 @@
-"""DINO CLS loss with EMA centering and sharpening (METHODS.md section 1)."""
+"""DINO CLS loss with EMA centering and sharpening (METHODS.md section 1; DINOv2 pairs, section 3)."""
 from __future__ import annotations
 
 import torch
@@ -33,25 +33,36 @@ class DINOLoss(nn.Module):
         return F.softmax((teacher.float() - self.center) / teacher_temp, dim=-1)
 
     def forward(self, student: Tensor, teacher: Tensor, teacher_temp: float, n_global: int) -> Tensor:
-        p_t = self.teacher_probs(teacher, teacher_temp).chunk(n_global)
-        log_s = F.log_softmax(student.float() / self.student_temp, dim=-1)
-        n_crops = student.shape[0] // p_t[0].shape[0]
-        log_s = log_s.chunk(n_crops)
-        total, n_pairs = student.new_zeros((), dtype=torch.float32), 0
-        for i, pt in enumerate(p_t):
-            for j, ls in enumerate(log_s):
-                if i == j:
-                    continue
-                total = total - (pt * ls).sum(-1).mean()
-                n_pairs += 1
-        return total / n_pairs
+        return cross_view_loss(student, self.teacher_probs(teacher, teacher_temp), n_global, self.student_temp)
 
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
-        """c <- m c + (1 - m) mean(teacher) over this batch on all ranks."""
+        """c <- m c + (1 - m) mean(teacher) over this batch on all ranks (no change if no rows anywhere)."""
         s = teacher.float().sum(0, keepdim=True)
         n = torch.tensor([teacher.shape[0]], dtype=torch.float32, device=teacher.device)
         if is_dist():
             dist.all_reduce(s)
             dist.all_reduce(n)
-        self.center.mul_(self.center_momentum).add_(s / n, alpha=1 - self.center_momentum)
+        if n.item() > 0:
+            self.center.mul_(self.center_momentum).add_(s / n, alpha=1 - self.center_momentum)
+
+
+def cross_view_loss(student: Tensor, teacher_probs: Tensor, n_global: int, student_temp: float) -> Tensor:
+    """Mean over pairs (teacher global crop i, student crop j), i != j, of H(P_t(i), softmax(s_j / tau_s)).
+
+    student: [S*B, K] (S crops, B rows each, same image order); teacher_probs: [T*B, K], T = n_global.
+    With T = 2 the pairs are the crosswise global pair (both directions) and every (global, local)
+    pair: 2 + 2L pairs, the DINO v1 and DINOv2 DINO term alike (18 for L = 8).
+    """
+    p_t = teacher_probs.chunk(n_global)
+    log_s = F.log_softmax(student.float() / student_temp, dim=-1)
+    n_crops = student.shape[0] // p_t[0].shape[0]
+    log_s = log_s.chunk(n_crops)
+    total, n_pairs = student.new_zeros((), dtype=torch.float32), 0
+    for i, pt in enumerate(p_t):
+        for j, ls in enumerate(log_s):
+            if i == j:
+                continue
+            total = total - (pt * ls).sum(-1).mean()
+            n_pairs += 1
+    return total / n_pairs

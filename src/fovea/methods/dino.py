@@ -1,4 +1,10 @@
-"""DINO: self-distillation with an EMA teacher, centering and sharpening, multi-crop (METHODS.md 0-1)."""
+"""The self-distillation family: DINO, iBOT, DINOv2 as one method whose config selects parts.
+
+DINO (METHODS.md 0-1): EMA teacher, centred and sharpened CLS targets, multi-crop. Switched on by
+config: ``ibot.enabled`` (masked-patch loss, section 2), ``dino.centering=sinkhorn`` /
+``ibot.centering`` (Sinkhorn-Knopp targets), ``koleo.weight`` (KoLeo on the student's backbone CLS).
+``method: dinov2`` is the same class; the name only labels presets that switch these parts on.
+"""
 from __future__ import annotations
 
 import copy
@@ -8,24 +14,48 @@ from torch import Tensor, nn
 
 from fovea.config.schema import RunConfig
 from fovea.data.augment import normalize
-from fovea.losses.dino import DINOLoss
+from fovea.losses.dino import DINOLoss, cross_view_loss
+from fovea.losses.ibot import ibot_patch_loss, masked_patch_weights
+from fovea.losses.koleo import koleo_loss
+from fovea.losses.sinkhorn import sinkhorn_knopp
 from fovea.methods.base import Method, StepValues
 from fovea.models.heads import DINOHead
 from fovea.models.vit import VisionTransformer
 
 
 class Student(nn.Module):
-    """Backbone + DINO head. ``forward(crops)`` -> (logits [n_crops*B, K], CLS [n_crops*B, D])."""
+    """Backbone + DINO head (+ iBOT patch head). Also the teacher's architecture.
 
-    def __init__(self, backbone: VisionTransformer, head: DINOHead) -> None:
+    ``forward(crops)`` -> (CLS logits [n_crops*B, K], CLS [n_crops*B, D]);
+    ``forward(crops, masks, select)`` -> the same plus patch logits [M, K_p] (M = select.sum()). ``masks`` (bool [2B, Np]) replaces the global crops' masked patches
+    by the mask token (student); ``select`` (bool [2B, Np]) picks the global-crop patch tokens sent to
+    the patch head (student: its masked patches; teacher: the same positions of its unmasked crops).
+    ``patch_head`` is ``head`` itself when the head is shared.
+    """
+
+    def __init__(self, backbone: VisionTransformer, head: DINOHead, patch_head: DINOHead | None = None,
+                 shared_head: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.patch_head = patch_head
+        self.shared_head = shared_head
 
-    def forward(self, crops: list[Tensor]) -> tuple[Tensor, Tensor]:
-        outs = self.backbone.forward_features_list(crops)
+    def forward(self, crops: list[Tensor], masks: Tensor | None = None, select: Tensor | None = None
+                ) -> tuple[Tensor, ...]:
+        b = crops[0].shape[0]
+        in_masks = None if masks is None else [masks[:b], masks[b:2 * b]] + [None] * (len(crops) - 2)
+        outs = self.backbone.forward_features_list(crops, in_masks)
         cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # type: ignore[misc]
-        return self.head(cls), cls
+        logits = self.head(cls)
+        head_p = self.head if self.shared_head else self.patch_head
+        if select is None or head_p is None:
+            return logits, cls
+        patches = torch.cat([outs[0]["x_norm_patchtokens"], outs[1]["x_norm_patchtokens"]])  # type: ignore[list-item]
+        if bool(select.any()):
+            return logits, cls, head_p(patches[select])
+        # no masked patch on this rank: keep the patch head in the graph (zero gradients, DDP-safe)
+        return logits, cls, head_p(patches[:1, 0])[:0]
 
 
 def collapse_stats(p_t: Tensor) -> dict[str, Tensor]:
@@ -41,7 +71,11 @@ def collapse_stats(p_t: Tensor) -> dict[str, Tensor]:
 
 
 class DINO(Method):
-    """DINO method. A batch is ``{"crops": [global1, global2, local...]}`` of uint8 [B,3,S,S]."""
+    """Self-distillation method (DINO / iBOT / DINOv2 parts by config).
+
+    A batch is ``{"crops": [global1, global2, local...]}`` of uint8 [B,3,S,S], plus ``"masks"`` bool
+    [2B, Np] (global crop 1 rows, then global crop 2) when ``ibot.enabled``.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
@@ -52,9 +86,14 @@ class DINO(Method):
             raise ValueError("dino.out_dim=0 (auto) must be resolved first: fovea.train.loop.resolve_auto(cfg, ...)")
         head = DINOHead(backbone.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer,
                         d.use_bn)
-        # Plain DINO never masks its inputs: the mask token takes no part (and must not, for DDP).
-        backbone.mask_token.requires_grad_(False)
-        self.student = Student(backbone, head)
+        ib = cfg.ibot
+        patch_head = None
+        if ib.enabled and ib.separate_head:
+            patch_head = DINOHead(backbone.embed_dim, ib.out_dim or d.out_dim, ib.hidden_dim or d.hidden_dim,
+                                  ib.bottleneck_dim or d.bottleneck_dim, d.nlayers, d.norm_last_layer, d.use_bn)
+        # Without iBOT the inputs are never masked: the mask token takes no part (and must not, for DDP).
+        backbone.mask_token.requires_grad_(ib.enabled)
+        self.student = Student(backbone, head, patch_head, shared_head=ib.enabled and not ib.separate_head)
         # The teacher is a separate deep copy (never aliased), without stochastic depth, frozen, eval mode.
         self.teacher = copy.deepcopy(self.student)
         for blk in self.teacher.backbone.blocks:
@@ -63,6 +102,9 @@ class DINO(Method):
             p.requires_grad_(False)
         self.teacher.eval()
         self.loss_fn = DINOLoss(d.out_dim, d.student_temp, d.center_momentum)
+        k_patch = (ib.out_dim or d.out_dim) if ib.separate_head else d.out_dim
+        self.patch_loss_fn = DINOLoss(k_patch, d.student_temp, ib.center_momentum) if ib.enabled else None
+        self.patch_centering = d.centering if ib.centering == "same" else ib.centering
 
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
@@ -72,16 +114,45 @@ class DINO(Method):
                 m.train(mode)
         return self
 
+    def teacher_targets(self, logits: Tensor, loss_fn: DINOLoss, centering: str, temp: float,
+                        n_total: Tensor | None = None) -> Tensor:
+        """Teacher probabilities [N, K]: EMA-centred softmax, or Sinkhorn-Knopp over all ranks."""
+        if centering == "sinkhorn":
+            return sinkhorn_knopp(logits, temp, self.cfg.dino.sinkhorn_iters, n_total)
+        return loss_fn.teacher_probs(logits, temp)
+
     def training_step(self, batch: dict, sv: StepValues) -> tuple[Tensor, dict[str, float]]:
-        c = self.cfg.crops
+        cfg, c = self.cfg, self.cfg.crops
         crops = [normalize(x, c.mean, c.std) for x in batch["crops"]]
+        masks = batch.get("masks") if self.patch_loss_fn is not None else None
         with torch.no_grad():
-            t_logits, _ = self.teacher(crops[:2])
-        s_logits, _ = self.student_fwd(crops)
-        loss = self.loss_fn(s_logits, t_logits, sv.teacher_temp, n_global=2)
-        with torch.no_grad():
-            logs = {"loss/dino": loss.detach(), **collapse_stats(self.loss_fn.teacher_probs(t_logits, sv.teacher_temp))}
-        self.loss_fn.update_center(t_logits)
+            t_logits, _, *t_patch = self.teacher(crops[:2], None, masks)
+        s_logits, s_cls, *s_patch = self.student_fwd(crops, masks, masks)
+        p_t = self.teacher_targets(t_logits, self.loss_fn, cfg.dino.centering, sv.teacher_temp)
+        loss_dino = cross_view_loss(s_logits, p_t, 2, cfg.dino.student_temp)
+        loss = cfg.dino.loss_weight * loss_dino
+        logs: dict = {"loss/dino": loss_dino.detach(), **collapse_stats(p_t.detach())}
+        if self.patch_loss_fn is not None and masks is not None:
+            s_patch, t_patch = s_patch[0], t_patch[0]
+            n_masked = masks.sum().float()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(n_masked)
+            p_patch = self.teacher_targets(t_patch, self.patch_loss_fn, self.patch_centering, sv.teacher_temp,
+                                           n_masked)
+            loss_ibot = ibot_patch_loss(s_patch, p_patch, masked_patch_weights(masks), masks.shape[0],
+                                        cfg.dino.student_temp)
+            loss = loss + cfg.ibot.loss_weight * loss_ibot
+            logs["loss/ibot"] = loss_ibot.detach()
+            logs["masked_fraction"] = masks.float().mean()
+            if self.patch_centering == "ema":
+                self.patch_loss_fn.update_center(t_patch)
+        if cfg.koleo.weight > 0:
+            loss_koleo = sum(koleo_loss(x) for x in s_cls[:2 * crops[0].shape[0]].chunk(2))
+            loss = loss + cfg.koleo.weight * loss_koleo
+            logs["loss/koleo"] = loss_koleo.detach()  # type: ignore[union-attr]
+        logs["loss/total"] = loss.detach()
+        if cfg.dino.centering == "ema":
+            self.loss_fn.update_center(t_logits)
         return loss, logs
 
     @torch.no_grad()
@@ -95,7 +166,8 @@ class DINO(Method):
         return self.teacher.backbone
 
     def last_layer_params(self) -> list[nn.Parameter]:
-        return list(self.student.head.last_layer.parameters())
+        heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])
+        return [p for h in heads for p in h.last_layer.parameters()]
 
 
 def build_method(cfg: RunConfig) -> Method:

@@ -9,12 +9,12 @@ from fovea.config.schema import RunConfig
 from fovea.data.sources import ImageSource
 from fovea.methods.base import Method
 
-METHODS = ("dino", "ijepa")
+METHODS = ("dino", "dinov2", "ijepa")
 
 
 def build_method(cfg: RunConfig) -> Method:
     """Instantiate the method named by ``cfg.method``."""
-    if cfg.method == "dino":
+    if cfg.method in ("dino", "dinov2"):  # one self-distillation family; keys select the parts
         from fovea.methods.dino import DINO
         return DINO(cfg)
     if cfg.method == "ijepa":
@@ -23,15 +23,35 @@ def build_method(cfg: RunConfig) -> Method:
     raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
 
 
-def build_train_data(cfg: RunConfig, source: ImageSource) -> tuple[Dataset, Callable[[list], dict]]:
+def multicrop_dataset(cfg: RunConfig, source: ImageSource, highres: bool = False) -> Dataset:
+    """Multi-crop dataset (+ iBOT block masks of the global crops); ``highres``: the high-res phase sizes."""
+    import copy
+
+    from fovea.data.augment import MultiCrop
+    from fovea.data.loader import MultiCropDataset
+    from fovea.masking.block import BlockMasker
+    crops = copy.deepcopy(cfg.crops)
+    if highres:
+        crops.global_size = cfg.highres.global_size or crops.global_size
+        crops.local_size = cfg.highres.local_size or crops.local_size
+    masker = None
+    if cfg.ibot.enabled:
+        ib = cfg.ibot
+        masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, tuple(ib.mask_ratio),
+                             ib.mask_min_block)
+    return MultiCropDataset(source, MultiCrop(crops), cfg.train.seed, masker)
+
+
+def build_train_data(cfg: RunConfig, source: ImageSource, highres: bool = False
+                     ) -> tuple[Dataset, Callable[[list], dict]]:
     """(dataset keyed by (epoch, index), collate function) for ``cfg.method``.
 
-    DINO: multi-crop views, batch ``{"crops": [...]}``. I-JEPA: one view + multi-block masks.
+    DINO / DINOv2: multi-crop views (+ iBOT masks), batch ``{"crops": [...], "masks"?}``;
+    ``highres`` selects the high-resolution phase's crop sizes. I-JEPA: one view + multi-block masks.
     """
-    if cfg.method == "dino":
-        from fovea.data.augment import MultiCrop
-        from fovea.data.loader import MultiCropDataset, collate_multicrop
-        return MultiCropDataset(source, MultiCrop(cfg.crops), cfg.train.seed), collate_multicrop
+    if cfg.method in ("dino", "dinov2"):
+        from fovea.data.loader import collate_multicrop
+        return multicrop_dataset(cfg, source, highres), collate_multicrop
     if cfg.method == "ijepa":
         from fovea.data.single_view import MaskCollate, SingleView, SingleViewDataset
         from fovea.masking.multiblock import MultiBlockSampler

@@ -4,7 +4,8 @@ Token layout: ``[CLS, registers..., patches...]`` (``model.cls_token=false``, as
 ``[registers..., patches...]``). Parameter names follow the official
 DINOv2 backbones (``cls_token``, ``pos_embed``, ``register_tokens``, ``mask_token``,
 ``patch_embed.proj``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,
-mlp.fc2,ls2.gamma}``, ``norm``) so that released weights load without renaming.
+mlp.fc2,ls2.gamma}``, ``norm``; SwiGLU: ``mlp.w12``, ``mlp.w3``) so that released weights load
+without renaming. Packed multi-crop forwards live in :mod:`fovea.models.packing`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fovea.models.packing import PackedLayout, resolve_packing
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio)
 ARCHS: dict[str, tuple[int, int, int, float]] = {
@@ -36,7 +39,12 @@ class ViTConfig:
     img_size: int = 224  # resolution the positional embedding is stored at
     in_chans: int = 3  # input channels
     num_register_tokens: int = 0  # register tokens after CLS (DINOv2 'with registers': 4)
-    drop_path_rate: float = 0.1  # stochastic depth rate (linear over depth)
+    drop_path_rate: float = 0.1  # stochastic depth rate (linear over depth unless drop_path_uniform)
+    drop_path_uniform: bool = False  # same drop-path rate in every block (DINOv2 large configs)
+    drop_path_mode: str = "plain"  # plain (mask whole samples) | efficient (branch on a (1-p) batch subset, x 1/(1-p))
+    ffn: str = "mlp"  # mlp (GELU, fc1/fc2) | swiglu (w12/w3, hidden = 2/3 * 4D rounded to 8; 4096 for ViT-g)
+    packing: str = "auto"  # multi-crop forward: auto (packed on CUDA, unpacked on CPU) | packed | unpacked
+    packed_attention: str = "segments"  # block-diagonal attention when packed: segments | mask | njt
     layerscale_init: float = 0.0  # 0 = no LayerScale (DINO v1); DINOv2 uses 1e-5
     qkv_bias: bool = True  # bias in the qkv projection
     norm_eps: float = 1e-6  # LayerNorm epsilon
@@ -105,7 +113,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
+        """x [B, N, D] -> [B, N, D]; or packed tokens x [T, D] with ``layout`` -> [T, D]."""
+        if layout is not None:
+            t, d = x.shape
+            q, k, v = self.qkv(x).reshape(t, 3, self.num_heads, d // self.num_heads).unbind(1)
+            return self.proj(layout.attention(q, k, v).reshape(t, d))
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -133,6 +146,24 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLUFFN(nn.Module):
+    """SwiGLU FFN D -> (2 x hidden) -> D: ``w3(silu(a) * b)`` with ``a, b = w12(x).chunk(2)`` (DINOv2 names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """DINOv2's SwiGLU width: 2/3 of the GELU hidden, rounded up to a multiple of 8 (ViT-g: 4096)."""
+    return (int(dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
+
+
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Per-sample stochastic depth on a residual branch output [B, ...]; rescales kept samples."""
     if p == 0.0 or not training:
@@ -146,20 +177,45 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 drop_path_rate: float, layerscale_init: float, norm_eps: float) -> None:
+                 drop_path_rate: float, layerscale_init: float, norm_eps: float,
+                 ffn: str = "mlp", drop_path_mode: str = "plain", swiglu_ratio: float = 4.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"model.ffn: unknown {ffn!r}; choose mlp or swiglu")
+        if drop_path_mode not in ("plain", "efficient"):
+            raise ValueError(f"model.drop_path_mode: unknown {drop_path_mode!r}; choose plain or efficient")
+        self.mlp: nn.Module = (Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp"
+                               else SwiGLUFFN(dim, swiglu_hidden(dim, swiglu_ratio)))
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
         self.drop_path_rate = drop_path_rate
+        self.drop_path_mode = drop_path_mode
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        p, t = self.drop_path_rate, self.training
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x), attn_mask)), p, t)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), p, t)
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
+        """x [B, N, D] (or packed [T, D] with ``layout``) -> same shape."""
+        x = self._residual(x, lambda t, lay: self.ls1(self.attn(self.norm1(t), attn_mask, lay)), layout,
+                           attn_mask is None)
+        return self._residual(x, lambda t, lay: self.ls2(self.mlp(self.norm2(t))), layout, True)
+
+    def _residual(self, x: Tensor, branch, layout: PackedLayout | None, can_subset: bool) -> Tensor:
+        """x + branch(x) with stochastic depth (plain: per-sample mask; efficient: branch on a subset)."""
+        p = self.drop_path_rate
+        if not self.training or p == 0.0:
+            return x + branch(x, layout)
+        if self.drop_path_mode == "efficient" and can_subset:
+            if layout is None:  # samples are rows of x [B, N, D]
+                b = x.shape[0]
+                kept = max(int(b * (1 - p)), 1)
+                idx = torch.randperm(b, device=x.device)[:kept]
+                return torch.index_add(x, 0, idx, branch(x[idx], None).to(x.dtype), alpha=b / kept)
+            idx, sub, scale = layout.subset(1 - p, x.device)  # samples are packed sequences
+            return torch.index_add(x, 0, idx, (branch(x[idx], sub) * scale).to(x.dtype))
+        if layout is None:
+            return x + drop_path(branch(x, None), p, True)
+        return x + branch(x, layout) * layout.sample_keep_mask(1 - p, x.device)
 
 
 class VisionTransformer(nn.Module):
@@ -195,9 +251,11 @@ class VisionTransformer(nn.Module):
         self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_register_tokens, dim))
                                 if cfg.num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        rates = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
+        rates = ([cfg.drop_path_rate] * depth if cfg.drop_path_uniform else  # uniform, or linear over depth
+                 [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)])
         self.blocks = nn.ModuleList(
-            Block(dim, heads, ratio, cfg.qkv_bias, rates[i], cfg.layerscale_init, cfg.norm_eps)
+            Block(dim, heads, ratio, cfg.qkv_bias, rates[i], cfg.layerscale_init, cfg.norm_eps,
+                  cfg.ffn, cfg.drop_path_mode, cfg.mlp_ratio or 4.0)
             for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         # Optional fixed linear map P [D, D] on the final normalised patch tokens (x -> x @ P.T), e.g. the
@@ -308,29 +366,65 @@ class VisionTransformer(nn.Module):
         """Multi-crop forward: crops with equal resolution are concatenated and run together.
 
         ``xs`` is a list of [B_i, C, H_i, W_i] crops; returns one output dict per crop, in order.
+        With ``model.packing`` packed (see :func:`fovea.models.packing.resolve_packing`), all groups go
+        through the blocks as one packed sequence with block-diagonal attention instead.
         """
         masks = list(masks) if masks is not None else [None] * len(xs)
+        if resolve_packing(self.cfg.packing, xs[0].device):
+            return self.forward_features_packed(xs, masks)
         outs: list[dict[str, Tensor | None] | None] = [None] * len(xs)
+        for idx, x, m in self._resolution_groups(xs, masks):
+            out = self.forward_features(x, m)
+            self._scatter(out, idx, [xs[i].shape[0] for i in idx], outs)
+        return outs  # type: ignore[return-value]
+
+    def forward_features_packed(self, xs: Sequence[Tensor], masks: Sequence[Tensor | None]
+                                ) -> list[dict[str, Tensor | None]]:
+        """Same outputs as the unpacked forward; all crops share every block call (packed tokens [T, D])."""
+        outs: list[dict[str, Tensor | None] | None] = [None] * len(xs)
+        toks, shapes, groups = [], [], []
+        for idx, x, m in self._resolution_groups(xs, masks):
+            t = self.prepare_tokens(x, m)
+            toks.append(t.reshape(-1, t.shape[-1]))
+            shapes.append((t.shape[0], t.shape[1], m))
+            groups.append(idx)
+        layout = PackedLayout(tuple((b, n) for b, n, _ in shapes), self.cfg.packed_attention)
+        t = torch.cat(toks)
+        for blk in self.blocks:
+            t = blk(t, layout=layout)
+        for (b, n, m), chunk, idx in zip(shapes, t.split([b * n for b, n, _ in shapes]), groups):
+            self._scatter(self._split(chunk.reshape(b, n, -1), m), idx, [xs[i].shape[0] for i in idx], outs)
+        return outs  # type: ignore[return-value]
+
+    @staticmethod
+    def _scatter(out: dict[str, Tensor | None], idx: list[int], sizes: list[int],
+                 outs: list[dict[str, Tensor | None] | None]) -> None:
+        """Split a group's outputs back into per-crop dicts (in place in ``outs``)."""
+        for key in out:
+            if out[key] is None:
+                continue
+            for i, chunk in zip(idx, out[key].split(sizes)):  # type: ignore[union-attr]
+                outs[i] = outs[i] or {}
+                outs[i][key] = chunk  # type: ignore[index]
+        for i in idx:
+            outs[i].setdefault("masks", None)  # type: ignore[union-attr]
+
+    def _resolution_groups(self, xs: Sequence[Tensor], masks: Sequence[Tensor | None]
+                           ) -> list[tuple[list[int], Tensor, Tensor | None]]:
+        """Crops of equal resolution concatenated: (crop indices, images [sum B_i, C, H, W], masks or None)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(xs):
             groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+        res = []
         for idx in groups.values():
             x = torch.cat([xs[i] for i in idx])
             ms = [masks[i] for i in idx]
+            n_patches = x.shape[-2] * x.shape[-1] // self.patch_size ** 2
             m = None if all(v is None for v in ms) else torch.cat(
-                [v if v is not None else torch.zeros(xs[i].shape[0], x.shape[-2] * x.shape[-1] // self.patch_size ** 2,
-                                                     dtype=torch.bool, device=x.device) for i, v in zip(idx, ms)])
-            out = self.forward_features(x, m)
-            sizes = [xs[i].shape[0] for i in idx]
-            for key in out:
-                if out[key] is None:
-                    continue
-                for i, chunk in zip(idx, out[key].split(sizes)):  # type: ignore[union-attr]
-                    outs[i] = outs[i] or {}
-                    outs[i][key] = chunk  # type: ignore[index]
-            for i in idx:
-                outs[i].setdefault("masks", None)  # type: ignore[union-attr]
-        return outs  # type: ignore[return-value]
+                [v if v is not None else torch.zeros(xs[i].shape[0], n_patches, dtype=torch.bool, device=x.device)
+                 for i, v in zip(idx, ms)])
+            res.append((idx, x, m))
+        return res
 
     def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
                                 return_class_token: bool = False, norm: bool = True

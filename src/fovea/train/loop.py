@@ -24,6 +24,7 @@ from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
 from fovea.methods.base import Method, StepValues
 from fovea.methods.registry import build_method, build_train_data
+from fovea.methods.registry import multicrop_dataset as make_dataset  # noqa: F401 - used by tests and benchmarks
 from fovea.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fovea.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from fovea.train.logging import MetricLogger
@@ -52,8 +53,9 @@ def make_plan(cfg: RunConfig, n_images: int, world: int) -> Plan:
         raise ValueError(f"data set has {n_images} images, fewer than one global batch "
                          f"({cfg.data.batch_size} x {world} ranks); lower data.batch_size")
     o = cfg.optim
-    total = o.max_steps or max(1, round(o.epochs * spe))
-    ep = lambda e: int(round(e * spe))  # noqa: E731
+    unit = o.epoch_length or spe  # steps per schedule "epoch" (DINOv2 counts 1250-step epochs)
+    total = o.max_steps or max(1, round(o.epochs * unit))
+    ep = lambda e: int(round(e * unit))  # noqa: E731
     return Plan(spe, total, min(ep(o.warmup_epochs), total), ep(cfg.dino.warmup_teacher_temp_epochs),
                 ep(o.freeze_last_layer_epochs), cfg.train.checkpoint_every_steps or spe,
                 ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world))
@@ -84,6 +86,11 @@ def resolve_auto(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
         spe = max(EpochBatchSampler.steps_per_epoch(n_images, cfg.data.batch_size, world), 1)
         cfg.optim.momentum_teacher = auto_momentum(cfg.optim.max_steps or round(cfg.optim.epochs * spe))
     return cfg
+
+
+def in_highres(cfg: RunConfig, plan: Plan, step: int) -> bool:
+    """True when ``step`` is in the last ``highres.steps`` steps (the high-resolution phase)."""
+    return cfg.highres.steps > 0 and step >= plan.total_steps - cfg.highres.steps
 
 
 def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
@@ -243,7 +250,9 @@ class Trainer:
         t_start, n_imgs, t_last = time.time(), 0, time.time()
         while self.step < plan.total_steps:
             epoch, pos = divmod(self.step, plan.steps_per_epoch)
-            loader = make_train_loader(self.dataset, c.data.batch_size, self.info.rank, self.info.world,
+            highres = in_highres(c, plan, self.step)  # crop sizes of this phase; schedules run on unchanged
+            dataset = build_train_data(c, self.source, highres=True)[0] if highres else self.dataset
+            loader = make_train_loader(dataset, c.data.batch_size, self.info.rank, self.info.world,
                                        c.train.seed, epoch, pos, c.data.num_workers,
                                        pin_memory=self.device.type == "cuda", collate_fn=self.collate)
             for batch in loader:
@@ -269,8 +278,8 @@ class Trainer:
                 if plan.eval_every and self.step % plan.eval_every == 0 and self.step < plan.total_steps:
                     self.knn(f"step{self.step}")
                     self.method.train()
-                if self.step >= plan.total_steps:
-                    break
+                if self.step >= plan.total_steps or in_highres(c, plan, self.step) != highres:
+                    break  # end, or the high-res phase starts: a new loader with the new crop sizes
         bar.close()
         train_minutes = (time.time() - t_start) / 60
         if c.eval.at_end:

@@ -1,6 +1,8 @@
 """Optimizer parameter groups, per-step hyper-parameter application and gradient clipping."""
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -12,21 +14,51 @@ def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1 or name.endswith((".bias", ".gamma", "weight_g"))
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Split trainable parameters into groups with ``wd_mult`` (0 or 1) and ``lr_mult`` (1)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"},
-              {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBED = ("cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth index of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1,
+    everything after the blocks (final norm, heads) depth + 1."""
+    m = _BLOCK.search(name)
+    if m:
+        return int(m.group(1)) + 1
+    if any(part in _EMBED for part in name.split(".")):
+        return 0
+    return depth + 1
+
+
+def lr_multiplier(name: str, depth: int, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> float:
+    """``layer_decay ** (depth + 1 - layer_id)``, times ``patch_embed_lr_mult`` for the patch embedding."""
+    mult = layer_decay ** (depth + 1 - layer_id(name, depth)) if layer_decay != 1.0 else 1.0
+    if "patch_embed" in name.split("."):
+        mult *= patch_embed_lr_mult
+    return mult
+
+
+def param_groups(model: nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """Trainable parameters grouped by (``wd_mult`` 0 or 1, ``lr_mult``).
+
+    ``lr_mult`` is 1 unless layer-wise decay (``layer_decay`` < 1, over the backbone depth found from
+    the ``blocks.N`` names) or a patch-embedding multiplier is set.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    depth = 1 + max((int(m.group(1)) for n, _ in named if (m := _BLOCK.search(n))), default=-1)
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in named:
+        wd = 0.0 if no_weight_decay(name, p) else 1.0
+        lr = lr_multiplier(name, depth, layer_decay, patch_embed_lr_mult)
+        g = groups.setdefault((wd, lr), {"params": [], "wd_mult": wd, "lr_mult": lr,
+                                         "name": ("decay" if wd else "no_decay") + ("" if lr == 1.0 else f"_lr{lr:.4g}")})
+        g["params"].append(p)
+    return sorted(groups.values(), key=lambda g: (-g["wd_mult"], -g["lr_mult"]))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (lr / wd are set every step by :func:`apply_hparams`)."""
-    return torch.optim.AdamW(param_groups(model), lr=0.0, betas=tuple(cfg.betas), weight_decay=0.0)
+    groups = param_groups(model, cfg.layer_decay, cfg.patch_embed_lr_mult)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=0.0)
 
 
 def apply_hparams(opt: torch.optim.Optimizer, lr: float, wd: float) -> None:
