@@ -99,7 +99,7 @@ def make_dataset(cfg: RunConfig, source, highres: bool = False) -> MultiCropData
     if cfg.ibot.enabled:
         ib = cfg.ibot
         masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, tuple(ib.mask_ratio),
-                             ib.mask_min_block)
+                             ib.mask_min_block, ib.mask_type, ib.mask_roll)
     return MultiCropDataset(source, MultiCrop(crops), cfg.train.seed, masker)
 
 
