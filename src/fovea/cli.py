@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--widths", default="", metavar="W,W,...",
                    help="Matryoshka truncated-feature k-NN: also report each feature kind truncated to the first w "
                    "coordinates (x[..., :w], then L2-normalised) as KIND@w, from one feature extraction. Absolute "
-                   "widths (12,48,192) or fractions of the embedding width D (1/16,1/4,1 or 0.25); w = D is the "
+                   "widths (12,48,192) or fractions of the embedding width D (1/16,1/4,1 or 0.25: when any item has / or ., "
+                   "all are fractions); w = D is the "
                    "full feature (reported as KIND); for `both` each half (CLS, mean patch) is truncated")
     k.add_argument("--size", type=int, default=0, help="input size in px (0 = the run's crops.global_size)")
     k.add_argument("--limit-train", type=int, default=0, help="use a fixed random subset of the bank (0 = all)")

@@ -54,16 +54,18 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 def parse_widths(spec: str | list, embed_dim: int | None = None) -> list[int]:
     """Nesting widths from ``"12,48,192"`` (absolute) or fractions of D (``"1/16,1/4,1"``, ``"0.25"``).
 
-    Fractions need ``embed_dim``; the result is sorted, de-duplicated, each in [1, D].
+    When any item holds ``/`` or ``.`` all items are fractions (so ``1`` means D); fractions need
+    ``embed_dim``. The result is sorted, de-duplicated, each in [1, D].
     """
     items = [str(x).strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if str(x).strip()]
+    fractions = any("/" in it or "." in it for it in items)  # then every item is a fraction ("1" = D)
+    if fractions and embed_dim is None:
+        raise ValueError(f"widths {items} are fractions: the embedding width D is needed")
     out = []
     for it in items:
-        if "/" in it or "." in it:
-            if embed_dim is None:
-                raise ValueError(f"width {it!r} is a fraction: the embedding width D is needed")
+        if fractions:
             num, _, den = it.partition("/")
-            w = round(float(num) / float(den or 1) * embed_dim)
+            w = round(float(num) / float(den or 1) * embed_dim)  # type: ignore[operator]
         else:
             w = int(it)
         if w < 1 or (embed_dim is not None and w > embed_dim):
