@@ -111,7 +111,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fovea", description="Pretrain, post-train and evaluate self-supervised "
-                                "Vision Transformers (DINO now; iBOT, DINOv2, Franca, I-JEPA to come).")
+                                "Vision Transformers (DINO, iBOT, DINOv2, Franca; I-JEPA to come).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a preset or YAML config", description="Train (or resume) a run.",
