@@ -122,6 +122,9 @@ class DINO(Method):
         self.patch_loss_fn = self._losses(patch_head or head, k_patch, ib.center_momentum) if ib.enabled else None
         self.patch_centering = d.centering if ib.centering == "same" else ib.centering
         self.level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(self.widths)
+        if len(self.level_weights) != len(self.widths):
+            raise ValueError(f"matryoshka.loss_weights: {len(self.level_weights)} weights for {len(self.widths)} "
+                             f"levels {self.widths}")
 
     def _losses(self, head: nn.Module, k: int, momentum: float) -> nn.Module:
         if isinstance(head, MatryoshkaHead):
