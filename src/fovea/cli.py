@@ -57,7 +57,7 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
 
     from fovea.config.loader import build_section
     from fovea.data.sources import SourceConfig, build_source
-    from fovea.eval.knn import evaluate_knn
+    from fovea.eval.knn import evaluate_knn, parse_widths
     from fovea.hub.backbone import load_backbone
 
     backbone, meta = load_backbone(args.checkpoint, which=args.which)
@@ -79,16 +79,17 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     backbone.to(device)
     size = args.size or data.get("eval_size") or crops.get("global_size") or backbone.cfg.img_size
     kinds = [k.strip() for k in args.features.split(",")]
+    widths = parse_widths(args.widths, backbone.embed_dim) if args.widths else []
     res = evaluate_knn(backbone, train_src, test_src, args.k, args.temperature, kinds, size, device,
                        args.batch_size, args.workers, crops.get("mean"), crops.get("std"),
-                       progress=not args.json)
+                       progress=not args.json, widths=widths)
     res.update({"checkpoint": str(args.checkpoint), "size": size, "temperature": args.temperature})
     if args.json:
         print(json.dumps(res))
     else:
         print(f"k-NN on {res['n_train']} train / {res['n_test']} test images at {size}px (T={args.temperature})")
         for kind, accs in res["features"].items():
-            print(f"  {kind:<10} " + "  ".join(f"{k}: {v:.2f}%" for k, v in accs.items()))
+            print(f"  {kind:<14} " + "  ".join(f"{k}: {v:.2f}%" for k, v in accs.items()))
         if res["skipped"]:
             print(f"  skipped {res['skipped']} unreadable images")
     return 0
@@ -180,7 +181,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fovea", description="Pretrain, post-train and evaluate self-supervised "
-                                "Vision Transformers (DINO and I-JEPA now; iBOT, DINOv2, Franca to come).")
+                                "Vision Transformers (DINO, iBOT, DINOv2, Franca, I-JEPA).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a preset or YAML config", description="Train (or resume) a run.",
@@ -202,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     k.add_argument("--temperature", type=float, default=0.07, help="vote temperature T")
     k.add_argument("--features", default="cls", help="comma list of cls, mean_patch, both (CLS + mean patch)")
+    k.add_argument("--widths", default="", metavar="W,W,...",
+                   help="Matryoshka truncated-feature k-NN: also report each feature kind truncated to the first w "
+                   "coordinates (x[..., :w], then L2-normalised) as KIND@w, from one feature extraction. Absolute "
+                   "widths (12,48,192) or fractions of the embedding width D (1/16,1/4,1 or 0.25: when any item has / or ., "
+                   "all are fractions); w = D is the "
+                   "full feature (reported as KIND); for `both` each half (CLS, mean patch) is truncated")
     k.add_argument("--size", type=int, default=0, help="input size in px (0 = the run's crops.global_size)")
     k.add_argument("--limit-train", type=int, default=0, help="use a fixed random subset of the bank (0 = all)")
     k.add_argument("--limit-test", type=int, default=0, help="use a fixed random subset of the test set (0 = all)")

@@ -176,19 +176,27 @@ def validate(cfg: RunConfig) -> None:
         if not cond:
             raise ConfigError(msg)
     from fovea.models.vit import ARCHS
-    need(cfg.method in ("dino", "dinov2", "ijepa"), f"method: unknown method {cfg.method!r}; available: dino, dinov2, ijepa")
+    need(cfg.method in ("dino", "dinov2", "franca", "ijepa"),
+         f"method: unknown method {cfg.method!r}; available: dino, dinov2, franca, ijepa")
     for key, val, ok in (("model.ffn", cfg.model.ffn, ("mlp", "swiglu")),
                          ("model.drop_path_mode", cfg.model.drop_path_mode, ("plain", "efficient")),
                          ("model.packing", cfg.model.packing, ("auto", "packed", "unpacked")),
                          ("model.packed_attention", cfg.model.packed_attention, ("segments", "mask", "njt")),
                          ("dino.centering", cfg.dino.centering, ("ema", "sinkhorn")),
-                         ("ibot.centering", cfg.ibot.centering, ("same", "ema", "sinkhorn"))):
+                         ("ibot.centering", cfg.ibot.centering, ("same", "ema", "sinkhorn")),
+                         ("ibot.mask_type", cfg.ibot.mask_type, ("block", "inverse_block", "cyclic")),
+                         ("matryoshka.input", cfg.matryoshka.input, ("slice", "linear"))):
         need(val in ok, f"{key}: {val!r} not one of {', '.join(ok)}")
     r = cfg.ibot.mask_ratio
     need(len(r) == 2 and 0 <= r[0] <= r[1] <= 1, f"ibot.mask_ratio must be [low, high] within [0, 1], got {r}")
     need(0 <= cfg.ibot.mask_prob <= 1, f"ibot.mask_prob must be within [0, 1], got {cfg.ibot.mask_prob}")
     need(0 <= cfg.model.drop_path_rate < 1, f"model.drop_path_rate must be within [0, 1), got {cfg.model.drop_path_rate}")
     need(cfg.highres.steps >= 0, "highres.steps must be >= 0")
+    mw = cfg.matryoshka.widths
+    need(all(w > 0 for w in mw), f"matryoshka.widths must be positive, got {mw}")
+    need(not cfg.matryoshka.loss_weights or len(cfg.matryoshka.loss_weights) == (len(set(mw)) or 5),
+         f"matryoshka.loss_weights: one weight per level ({len(set(mw)) or 5}), got {cfg.matryoshka.loss_weights}")
+    need(all(w > 0 for w in cfg.eval.knn.widths), f"eval.knn.widths must be positive, got {cfg.eval.knn.widths}")
     need(cfg.model.arch in ARCHS, f"model.arch: unknown {cfg.model.arch!r}{_hint(cfg.model.arch, list(ARCHS))}; "
          f"choose one of {', '.join(ARCHS)}")
     p = cfg.model.patch_size

@@ -41,12 +41,25 @@ class IBOTConfig:
     mask_prob: float = 0.5  # probability that a global crop is masked
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # masked fraction r ~ U(low, high)
     mask_min_block: int = 4  # smallest block (in patches) of the block masking
+    mask_type: str = "block"  # block (BEiT blocks) | inverse_block (visible part one rectangle) | cyclic (inverse_block + roll, Franca)
+    mask_roll: bool = False  # also roll block / inverse_block masks by a uniform 2-D offset with wrap-around (cyclic always rolls)
     separate_head: bool = True  # own patch head (DINOv2 large, Franca); false = share the DINO head (iBOT)
     out_dim: int = 0  # patch-head prototypes K; 0 = dino.out_dim (ignored when sharing the head)
     hidden_dim: int = 0  # patch-head MLP width; 0 = dino.hidden_dim
     bottleneck_dim: int = 0  # patch-head bottleneck; 0 = dino.bottleneck_dim
     centering: str = "same"  # same (as dino.centering) | ema | sinkhorn
     center_momentum: float = 0.9  # EMA momentum of the patch centre (centering=ema)
+
+
+@dataclass
+class MatryoshkaConfig:
+    """Nested Matryoshka heads for the DINO and iBOT losses (the ``matryoshka`` section, Franca)."""
+
+    enabled: bool = False  # replace the DINO (and iBOT) heads by nested heads, one per width; loss = weighted sum over levels
+    widths: list[int] = field(default_factory=list)  # nesting widths d_m in (0, D]; [] = D/16, D/8, D/4, D/2, D
+    input: str = "slice"  # per-level input: slice (x[..., :d_m], nested backbone features) | linear (learned Linear(D, d_m), released code)
+    l2_norm: bool = True  # L2-normalise the bottleneck before the prototypes (the released Franca head does not)
+    loss_weights: list[float] = field(default_factory=list)  # per-level weights, narrowest first; [] = 1 each (plain sum)
 
 
 @dataclass
@@ -127,6 +140,7 @@ class KNNConfig:
 
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # numbers of neighbours reported
     temperature: float = 0.07  # vote weights exp(sim / T)
+    widths: list[int] = field(default_factory=list)  # also report truncated features x[..., :w] as KIND@w (Matryoshka); [] = full only
     features: str = "cls"  # cls | mean_patch | both (reported: every kind listed in eval.knn.report)
     report: list[str] = field(default_factory=lambda: ["cls"])  # feature kinds computed at each k-NN
 
@@ -162,7 +176,7 @@ class TrainConfig:
 class RunConfig:
     """A whole run: method, model, data, optimisation, evaluation."""
 
-    method: str = "dino"  # dino | dinov2 (one self-distillation family; the ibot/koleo/centering keys select parts) | ijepa
+    method: str = "dino"  # dino | dinov2 | franca (one self-distillation family; the ibot/koleo/centering/matryoshka keys select parts) | ijepa
     name: str = ""  # preset or experiment name (used in the default output_dir)
     description: str = ""  # one line shown by `fovea presets`
     output_dir: str = ""  # run folder; "" = runs/<name>
@@ -171,6 +185,7 @@ class RunConfig:
     ijepa: IJEPAConfig = field(default_factory=IJEPAConfig)
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
     koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
+    matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
     highres: HighResConfig = field(default_factory=HighResConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)

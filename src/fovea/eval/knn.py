@@ -51,12 +51,49 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     return {k: float((p == y).float().mean() * 100) for k, p in preds.items()}
 
 
+def parse_widths(spec: str | list, embed_dim: int | None = None) -> list[int]:
+    """Nesting widths from ``"12,48,192"`` (absolute) or fractions of D (``"1/16,1/4,1"``, ``"0.25"``).
+
+    When any item holds ``/`` or ``.`` all items are fractions (so ``1`` means D); fractions need
+    ``embed_dim``. The result is sorted, de-duplicated, each in [1, D].
+    """
+    items = [str(x).strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if str(x).strip()]
+    fractions = any("/" in it or "." in it for it in items)  # then every item is a fraction ("1" = D)
+    if fractions and embed_dim is None:
+        raise ValueError(f"widths {items} are fractions: the embedding width D is needed")
+    out = []
+    for it in items:
+        if fractions:
+            num, _, den = it.partition("/")
+            w = round(float(num) / float(den or 1) * embed_dim)  # type: ignore[operator]
+        else:
+            w = int(it)
+        if w < 1 or (embed_dim is not None and w > embed_dim):
+            raise ValueError(f"width {it!r} -> {w} outside [1, {embed_dim or 'D'}]")
+        out.append(w)
+    return sorted(set(out))
+
+
+def truncate_features(feats: Tensor, kind: str, width: int) -> Tensor:
+    """Matryoshka truncation of pooled features [N, D] (or [N, 2D] for ``both``) to width ``w``.
+
+    ``cls`` / ``mean_patch``: ``x[..., :w]``; ``both``: the first w coordinates of each half
+    (CLS, mean patch), each re-normalised, concatenated [N, 2w]. k-NN L2-normalises the result.
+    """
+    if kind == "both":
+        half = feats.shape[1] // 2
+        return torch.cat([F.normalize(feats[:, :width], dim=1), F.normalize(feats[:, half:half + width], dim=1)], 1)
+    return feats[:, :width]
+
+
 def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature: float, kinds: list[str],
                  size: int, device: torch.device, batch_size: int = 256, num_workers: int = 2,
-                 mean=None, std=None, progress: bool = True) -> dict:
+                 mean=None, std=None, progress: bool = True, widths: list[int] | None = None) -> dict:
     """Extract features of both splits once and report k-NN top-1 (%) per feature kind and k.
 
-    Returns {"features": {kind: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}. For a
+    ``widths``: also report every kind truncated to each width w (< D) as ``KIND@w``, from the same
+    extracted features (Matryoshka truncated-feature k-NN); the full width stays ``KIND``.
+    Returns {"features": {kind or kind@w: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}. For a
     backbone without CLS token, ``cls`` / ``both`` are evaluated as ``mean_patch`` (and reported so).
     """
     kinds = available_kinds(backbone, kinds)
@@ -67,4 +104,12 @@ def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature
                                     mean, std, progress, "k-NN test features")
     res = {kind: {f"k={k}": acc for k, acc in knn_accuracy(ftr[kind], ytr, fte[kind], yte, ks, temperature).items()}
            for kind in kinds}
+    dim = backbone.embed_dim
+    for w in sorted(set(widths or [])):
+        if w >= dim:
+            continue  # the full width is KIND itself
+        for kind in kinds:
+            accs = knn_accuracy(truncate_features(ftr[kind], kind, w), ytr, truncate_features(fte[kind], kind, w), yte,
+                                ks, temperature)
+            res[f"{kind}@{w}"] = {f"k={k}": acc for k, acc in accs.items()}
     return {"features": res, "n_train": len(ytr), "n_test": len(yte), "skipped": s1 + s2}

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from fovea.masking.cyclic import inverse_block_mask, random_roll
+
 
 def block_mask(h: int, w: int, n_masked: int, rng: np.random.Generator, min_block: int = 4,
                min_aspect: float = 0.3) -> np.ndarray:
@@ -44,12 +46,33 @@ def block_mask(h: int, w: int, n_masked: int, rng: np.random.Generator, min_bloc
     return mask
 
 
+MASK_TYPES = ("block", "inverse_block", "cyclic")
+
+
 class BlockMasker:
     """Masks for the global crops of one image: each crop is masked with probability ``prob``;
-    a masked crop masks round(r * Np) patches, r ~ U(ratio_min, ratio_max), as blocks."""
+    a masked crop masks a fraction r ~ U(ratio_min, ratio_max) of its patches.
 
-    def __init__(self, grid: int, prob: float, ratio: tuple[float, float], min_block: int = 4) -> None:
+    ``kind``: ``block`` (round(r * Np) patches as BEiT blocks), ``inverse_block`` (everything but one
+    visible rectangle, :func:`fovea.masking.cyclic.inverse_block_mask`) or ``cyclic`` (Franca's
+    CyclicMask: inverse block + roll). ``roll`` adds the uniform 2-D roll to the other kinds.
+    """
+
+    def __init__(self, grid: int, prob: float, ratio: tuple[float, float], min_block: int = 4,
+                 kind: str = "block", roll: bool = False) -> None:
+        if kind not in MASK_TYPES:
+            raise ValueError(f"mask type must be one of {MASK_TYPES}, got {kind!r}")
         self.grid, self.prob, self.ratio, self.min_block = grid, prob, ratio, min_block
+        self.kind, self.roll = kind, roll or kind == "cyclic"
+
+    def one(self, rng: np.random.Generator) -> np.ndarray:
+        """Bool [grid, grid] mask of one masked crop."""
+        r = rng.uniform(*self.ratio)
+        if self.kind == "block":
+            m = block_mask(self.grid, self.grid, int(round(r * self.grid * self.grid)), rng, self.min_block)
+        else:
+            m = inverse_block_mask(self.grid, self.grid, r, rng, tuple(self.ratio))
+        return random_roll(m, rng) if self.roll else m
 
     def __call__(self, seed: int, n_crops: int = 2) -> np.ndarray:
         """Bool [n_crops, grid * grid] masks, a pure function of ``seed``."""
@@ -57,7 +80,5 @@ class BlockMasker:
         out = np.zeros((n_crops, self.grid * self.grid), dtype=bool)
         for c in range(n_crops):
             if rng.random() < self.prob:
-                r = rng.uniform(*self.ratio)
-                n = int(round(r * self.grid * self.grid))
-                out[c] = block_mask(self.grid, self.grid, n, rng, self.min_block).reshape(-1)
+                out[c] = self.one(rng).reshape(-1)
         return out

@@ -2,8 +2,8 @@
 
 DINO (METHODS.md 0-1): EMA teacher, centred and sharpened CLS targets, multi-crop. Switched on by
 config: ``ibot.enabled`` (masked-patch loss, section 2), ``dino.centering=sinkhorn`` /
-``ibot.centering`` (Sinkhorn-Knopp targets), ``koleo.weight`` (KoLeo on the student's backbone CLS).
-``method: dinov2`` is the same class; the name only labels presets that switch these parts on.
+``ibot.centering`` (Sinkhorn-Knopp targets), ``koleo.weight`` (KoLeo on the student's backbone CLS), ``matryoshka.enabled`` (nested heads, Franca section 4).
+``method: dinov2`` / ``franca`` are the same class; the names only label presets that switch these parts on.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from fovea.losses.koleo import koleo_loss
 from fovea.losses.sinkhorn import sinkhorn_knopp
 from fovea.methods.base import Method, StepValues
 from fovea.models.heads import DINOHead
+from fovea.models.matryoshka import MatryoshkaHead, nesting_widths
 from fovea.models.vit import VisionTransformer
 
 
@@ -30,10 +31,11 @@ class Student(nn.Module):
     ``forward(crops, masks, select)`` -> the same plus patch logits [M, K_p] (M = select.sum()). ``masks`` (bool [2B, Np]) replaces the global crops' masked patches
     by the mask token (student); ``select`` (bool [2B, Np]) picks the global-crop patch tokens sent to
     the patch head (student: its masked patches; teacher: the same positions of its unmasked crops).
-    ``patch_head`` is ``head`` itself when the head is shared.
+    ``patch_head`` is ``head`` itself when the head is shared. With Matryoshka heads every logits
+    output is a list of per-level logits (narrowest level first) instead of one tensor.
     """
 
-    def __init__(self, backbone: VisionTransformer, head: DINOHead, patch_head: DINOHead | None = None,
+    def __init__(self, backbone: VisionTransformer, head: nn.Module, patch_head: nn.Module | None = None,
                  shared_head: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
@@ -55,7 +57,13 @@ class Student(nn.Module):
         if bool(select.any()):
             return logits, cls, head_p(patches[select])
         # no masked patch on this rank: keep the patch head in the graph (zero gradients, DDP-safe)
-        return logits, cls, head_p(patches[:1, 0])[:0]
+        empty = head_p(patches[:1, 0])
+        return logits, cls, [e[:0] for e in empty] if isinstance(empty, list) else empty[:0]
+
+
+def as_levels(x: Tensor | list[Tensor]) -> list[Tensor]:
+    """Head output -> list of per-level logits (a plain head is one level)."""
+    return x if isinstance(x, list) else [x]
 
 
 def collapse_stats(p_t: Tensor) -> dict[str, Tensor]:
@@ -84,13 +92,20 @@ class DINO(Method):
         d = cfg.dino
         if d.out_dim <= 0:
             raise ValueError("dino.out_dim=0 (auto) must be resolved first: fovea.train.loop.resolve_auto(cfg, ...)")
-        head = DINOHead(backbone.embed_dim, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.nlayers, d.norm_last_layer,
-                        d.use_bn)
-        ib = cfg.ibot
+        ib, mt = cfg.ibot, cfg.matryoshka
+        self.widths = nesting_widths(backbone.embed_dim, mt.widths) if mt.enabled else [backbone.embed_dim]
+
+        def make_head(k: int, hidden: int, bottleneck: int) -> nn.Module:
+            if mt.enabled:
+                return MatryoshkaHead(backbone.embed_dim, k, self.widths, hidden, bottleneck, d.nlayers,
+                                      d.norm_last_layer, d.use_bn, mt.l2_norm, mt.input)
+            return DINOHead(backbone.embed_dim, k, hidden, bottleneck, d.nlayers, d.norm_last_layer, d.use_bn)
+
+        head = make_head(d.out_dim, d.hidden_dim, d.bottleneck_dim)
         patch_head = None
         if ib.enabled and ib.separate_head:
-            patch_head = DINOHead(backbone.embed_dim, ib.out_dim or d.out_dim, ib.hidden_dim or d.hidden_dim,
-                                  ib.bottleneck_dim or d.bottleneck_dim, d.nlayers, d.norm_last_layer, d.use_bn)
+            patch_head = make_head(ib.out_dim or d.out_dim, ib.hidden_dim or d.hidden_dim,
+                                   ib.bottleneck_dim or d.bottleneck_dim)
         # Without iBOT the inputs are never masked: the mask token takes no part (and must not, for DDP).
         backbone.mask_token.requires_grad_(ib.enabled)
         self.student = Student(backbone, head, patch_head, shared_head=ib.enabled and not ib.separate_head)
@@ -101,10 +116,24 @@ class DINO(Method):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        self.loss_fn = DINOLoss(d.out_dim, d.student_temp, d.center_momentum)
         k_patch = (ib.out_dim or d.out_dim) if ib.separate_head else d.out_dim
-        self.patch_loss_fn = DINOLoss(k_patch, d.student_temp, ib.center_momentum) if ib.enabled else None
+        # One loss (EMA centre) per level; a plain head keeps the single DINOLoss (same state_dict names).
+        self.loss_fn = self._losses(head, d.out_dim, d.center_momentum)
+        self.patch_loss_fn = self._losses(patch_head or head, k_patch, ib.center_momentum) if ib.enabled else None
         self.patch_centering = d.centering if ib.centering == "same" else ib.centering
+        self.level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(self.widths)
+        if len(self.level_weights) != len(self.widths):
+            raise ValueError(f"matryoshka.loss_weights: {len(self.level_weights)} weights for {len(self.widths)} "
+                             f"levels {self.widths}")
+
+    def _losses(self, head: nn.Module, k: int, momentum: float) -> nn.Module:
+        if isinstance(head, MatryoshkaHead):
+            return nn.ModuleList(DINOLoss(km, self.cfg.dino.student_temp, momentum) for km in head.out_dims)
+        return DINOLoss(k, self.cfg.dino.student_temp, momentum)
+
+    @staticmethod
+    def _level_losses(fn: nn.Module) -> list[DINOLoss]:
+        return list(fn) if isinstance(fn, nn.ModuleList) else [fn]  # type: ignore[list-item]
 
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
@@ -128,31 +157,46 @@ class DINO(Method):
         with torch.no_grad():
             t_logits, _, *t_patch = self.teacher(crops[:2], None, masks)
         s_logits, s_cls, *s_patch = self.student_fwd(crops, masks, masks)
-        p_t = self.teacher_targets(t_logits, self.loss_fn, cfg.dino.centering, sv.teacher_temp)
-        loss_dino = cross_view_loss(s_logits, p_t, 2, cfg.dino.student_temp)
+        multi = len(self.widths) > 1  # Matryoshka: one loss per nesting level, weighted sum (METHODS.md 4)
+        logs: dict = {}
+        loss_dino = s_cls.new_zeros((), dtype=torch.float32)
+        for m, (fn, t_l, s_l) in enumerate(zip(self._level_losses(self.loss_fn), as_levels(t_logits),
+                                               as_levels(s_logits))):
+            p_t = self.teacher_targets(t_l, fn, cfg.dino.centering, sv.teacher_temp)
+            l_m = cross_view_loss(s_l, p_t, 2, cfg.dino.student_temp)
+            loss_dino = loss_dino + self.level_weights[m] * l_m
+            if multi:
+                logs[f"loss/dino@{self.widths[m]}"] = l_m.detach()
+            if m == len(self.widths) - 1:  # collapse diagnostics of the full-width level
+                logs.update(collapse_stats(p_t.detach()))
+            if cfg.dino.centering == "ema":
+                fn.update_center(t_l)  # after the loss: the centre is used from the next step
+        logs["loss/dino"] = loss_dino.detach()
         loss = cfg.dino.loss_weight * loss_dino
-        logs: dict = {"loss/dino": loss_dino.detach(), **collapse_stats(p_t.detach())}
         if self.patch_loss_fn is not None and masks is not None:
             s_patch, t_patch = s_patch[0], t_patch[0]
             n_masked = masks.sum().float()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(n_masked)
-            p_patch = self.teacher_targets(t_patch, self.patch_loss_fn, self.patch_centering, sv.teacher_temp,
-                                           n_masked)
-            loss_ibot = ibot_patch_loss(s_patch, p_patch, masked_patch_weights(masks), masks.shape[0],
-                                        cfg.dino.student_temp)
+            weights = masked_patch_weights(masks)
+            loss_ibot = loss.new_zeros(())
+            for m, (fn, t_l, s_l) in enumerate(zip(self._level_losses(self.patch_loss_fn), as_levels(t_patch),
+                                                   as_levels(s_patch))):
+                p_patch = self.teacher_targets(t_l, fn, self.patch_centering, sv.teacher_temp, n_masked)
+                l_m = ibot_patch_loss(s_l, p_patch, weights, masks.shape[0], cfg.dino.student_temp)
+                loss_ibot = loss_ibot + self.level_weights[m] * l_m
+                if multi:
+                    logs[f"loss/ibot@{self.widths[m]}"] = l_m.detach()
+                if self.patch_centering == "ema":
+                    fn.update_center(t_l)
             loss = loss + cfg.ibot.loss_weight * loss_ibot
             logs["loss/ibot"] = loss_ibot.detach()
             logs["masked_fraction"] = masks.float().mean()
-            if self.patch_centering == "ema":
-                self.patch_loss_fn.update_center(t_patch)
         if cfg.koleo.weight > 0:
             loss_koleo = sum(koleo_loss(x) for x in s_cls[:2 * crops[0].shape[0]].chunk(2))
             loss = loss + cfg.koleo.weight * loss_koleo
             logs["loss/koleo"] = loss_koleo.detach()  # type: ignore[union-attr]
         logs["loss/total"] = loss.detach()
-        if cfg.dino.centering == "ema":
-            self.loss_fn.update_center(t_logits)
         return loss, logs
 
     @torch.no_grad()
@@ -167,7 +211,8 @@ class DINO(Method):
 
     def last_layer_params(self) -> list[nn.Parameter]:
         heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])
-        return [p for h in heads for p in h.last_layer.parameters()]
+        layers = [m for h in heads for m in (h.last_layer_modules if isinstance(h, MatryoshkaHead) else [h.last_layer])]
+        return [p for layer in layers for p in layer.parameters()]
 
 
 def build_method(cfg: RunConfig) -> Method:

@@ -9,12 +9,12 @@ from fovea.config.schema import RunConfig
 from fovea.data.sources import ImageSource
 from fovea.methods.base import Method
 
-METHODS = ("dino", "dinov2", "ijepa")
+METHODS = ("dino", "dinov2", "franca", "ijepa")
 
 
 def build_method(cfg: RunConfig) -> Method:
     """Instantiate the method named by ``cfg.method``."""
-    if cfg.method in ("dino", "dinov2"):  # one self-distillation family; keys select the parts
+    if cfg.method in ("dino", "dinov2", "franca"):  # one self-distillation family; keys select the parts
         from fovea.methods.dino import DINO
         return DINO(cfg)
     if cfg.method == "ijepa":
@@ -38,7 +38,7 @@ def multicrop_dataset(cfg: RunConfig, source: ImageSource, highres: bool = False
     if cfg.ibot.enabled:
         ib = cfg.ibot
         masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, tuple(ib.mask_ratio),
-                             ib.mask_min_block)
+                             ib.mask_min_block, ib.mask_type, ib.mask_roll)
     return MultiCropDataset(source, MultiCrop(crops), cfg.train.seed, masker)
 
 
@@ -49,7 +49,7 @@ def build_train_data(cfg: RunConfig, source: ImageSource, highres: bool = False
     DINO / DINOv2: multi-crop views (+ iBOT masks), batch ``{"crops": [...], "masks"?}``;
     ``highres`` selects the high-resolution phase's crop sizes. I-JEPA: one view + multi-block masks.
     """
-    if cfg.method in ("dino", "dinov2"):
+    if cfg.method in ("dino", "dinov2", "franca"):
         from fovea.data.loader import collate_multicrop
         return multicrop_dataset(cfg, source, highres), collate_multicrop
     if cfg.method == "ijepa":

@@ -31,6 +31,7 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """MLP in_dim -> hidden (x nlayers-1, [BatchNorm,] GELU) -> bottleneck, L2-normalise, prototypes K.
 
+    ``l2_norm=False`` skips the L2 normalisation before the prototypes (the released Franca head).
     ``use_bn`` is the official DINO ``use_bn_in_head`` option: BatchNorm removes the component
     common to the batch, so image-specific differences drive the prototypes from the first step.
 
@@ -39,8 +40,9 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True, use_bn: bool = False) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, use_bn: bool = False, l2_norm: bool = True) -> None:
         super().__init__()
+        self.l2_norm = l2_norm
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim)]
@@ -59,5 +61,7 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_norm=norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
+        z = self.mlp(x)
+        if self.l2_norm:
+            z = F.normalize(z, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(z)

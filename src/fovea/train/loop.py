@@ -198,7 +198,8 @@ class Trainer:
             res = evaluate_knn(self.method.eval_backbone(), build_source(c.data.eval_train),
                                build_source(c.data.eval_test), c.eval.knn.ks, c.eval.knn.temperature, kinds,
                                c.data.eval_size or c.crops.global_size, self.device, c.eval.batch_size,
-                               min(c.data.num_workers, 2), c.crops.mean, c.crops.std, c.train.progress)
+                               min(c.data.num_workers, 2), c.crops.mean, c.crops.std, c.train.progress,
+                               c.eval.knn.widths)
             res["seconds"] = round(time.time() - t0, 1)
             res["step"] = self.step
             self.results["knn"][tag] = res
