@@ -180,6 +180,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fovea.eval.commands import add_backbone_options, add_eval_commands
     p = argparse.ArgumentParser(prog="fovea", description="Pretrain, post-train and evaluate self-supervised "
                                 "Vision Transformers (DINO, iBOT, DINOv2, Franca, I-JEPA).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -212,14 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--size", type=int, default=0, help="input size in px (0 = the run's crops.global_size)")
     k.add_argument("--limit-train", type=int, default=0, help="use a fixed random subset of the bank (0 = all)")
     k.add_argument("--limit-test", type=int, default=0, help="use a fixed random subset of the test set (0 = all)")
-    k.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="which backbone of a training checkpoint")
-    k.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
-    k.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
-    k.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_backbone_options(k, workers=2)
     k.add_argument("--json", action="store_true", help="print one JSON object with the accuracies")
     k.set_defaults(func=cmd_eval_knn)
-    from fovea.eval.commands import add_eval_commands
     add_eval_commands(esub)
 
     r = sub.add_parser("rasa", help="RASA post-training: remove absolute position from patch features",
@@ -259,11 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T")
     r.add_argument("--size", type=int, default=0, help="input size in px (0 = the run's crops.global_size)")
     r.add_argument("--seed", type=int, default=0, help="seed of the image subsets and patch sampling")
-    r.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="which backbone of a training checkpoint")
-    r.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
-    r.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_backbone_options(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_rasa)
 

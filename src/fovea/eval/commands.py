@@ -11,6 +11,15 @@ from fovea.eval.report import DEFAULT_PROTOCOLS, PROTOCOLS
 SPEC = "fmnist:train|test[:DIR], parquet:FILE or folder:DIR"
 
 
+
+def add_backbone_options(p: argparse.ArgumentParser, workers: int = 0) -> None:
+    """--which, --batch-size, --workers and --device: how a command loads and runs a frozen backbone."""
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="which backbone of a training checkpoint")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    p.add_argument("--workers", type=int, default=workers, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
 def _common(p: argparse.ArgumentParser, image_level: bool = True) -> None:
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run folder, a checkpoint .pt, or an exported backbone.safetensors")
@@ -20,11 +29,7 @@ def _common(p: argparse.ArgumentParser, image_level: bool = True) -> None:
         p.add_argument("--limit-train", type=int, default=0, help="fixed random subset of the train set (0 = all)")
         p.add_argument("--limit-test", type=int, default=0, help="fixed random subset of the test set (0 = all)")
     p.add_argument("--size", type=int, default=0, help="input size in px (0 = the run's eval size / crops.global_size)")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="which backbone of a training checkpoint")
-    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_backbone_options(p)
     p.add_argument("--no-cache", action="store_true", help="do not read/write cached features in RUN/eval/cache")
     p.add_argument("--seed", type=int, default=0, help="seed of splits, draws and head initialisation")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
