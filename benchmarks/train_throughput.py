@@ -138,8 +138,18 @@ def mlp_hidden(cfg: RunConfig) -> tuple[int, int, int, int]:
     return d, depth, heads, int(d * ratio)
 
 
+def prefix_tokens(cfg: RunConfig) -> int:
+    """CLS (when the backbone has one) + register tokens."""
+    return int(cfg.model.cls_token) + cfg.model.num_register_tokens
+
+
 def tokens_per_crop(cfg: RunConfig, size: int) -> int:
-    return 1 + cfg.model.num_register_tokens + (size // cfg.model.patch_size) ** 2
+    return prefix_tokens(cfg) + (size // cfg.model.patch_size) ** 2
+
+
+def _block_flops(n: int, d: int, hid: int) -> int:
+    """One pre-norm ViT block on n tokens of width d: qkv, proj, fc1, fc2, q k^T and attn v."""
+    return 2 * n * (3 * d * d + d * d + 2 * d * hid) + 2 * 2 * n * n * d
 
 
 def measure_matmul_peak(device: torch.device, sizes: list[int], min_time: float,
@@ -161,6 +171,10 @@ def measure_model_shapes(cfg: RunConfig, device: torch.device, dtype: torch.dtyp
     """Rate of the backbone's MLP fc1 matmul [B*N, D] x [D, 4D] for the global and the local crop group."""
     d, _, _, hid = mlp_hidden(cfg)
     b, c = cfg.data.batch_size, cfg.crops
+    if cfg.method == "ijepa":  # the target encoder's full view (the context encoder sees a subset)
+        return {"target_fc1": {"shape": f"[{b * tokens_per_crop(cfg, c.global_size)}, {d}] x [{d}, {hid}]",
+                               "gflops": round(matmul_gflops(b * tokens_per_crop(cfg, c.global_size), d, hid,
+                                                             device, dtype, min_time), 1)}}
     groups = {"global": 2 * b * tokens_per_crop(cfg, c.global_size)}
     if c.n_local:
         groups["local"] = c.n_local * b * tokens_per_crop(cfg, c.local_size)
@@ -216,6 +230,46 @@ def analytic_flops(cfg: RunConfig) -> dict[str, Any]:
             "student_backward": student_bwd, "total": teacher + student_fwd + student_bwd}
 
 
+def ijepa_flops(cfg: RunConfig, batch: dict) -> dict[str, Any]:
+    """FLOPs of one I-JEPA step from the config and the batch's (padded) index shapes; matmuls only.
+
+    Np = (S/p)^2 patches, Nc / Nt = padded context / target-block lengths, M target blocks, predictor
+    width Dp, depth Lp, MLP 4 Dp. Padding is computed like real tokens, so it is counted.
+      target encoder = B x [patch embed + L blocks on Np tokens]                         (forward only)
+      context encoder = B x [patch embed + L blocks on Nc tokens]
+      predictor = B*M x [Nc x (D -> Dp) + Lp blocks on Nc + Nt tokens + Nt x (Dp -> D)]
+    Student = context encoder + predictor, forward (1x) and backward (2x, except the patch embedding).
+    """
+    d, depth, _, hid = mlp_hidden(cfg)
+    m, j = cfg.model, cfg.ijepa
+    p, C, size = m.patch_size, m.in_chans, cfg.crops.global_size
+    b, mm, nt = (int(x) for x in batch["tgt_idx"].shape)
+    nc = int(batch["ctx_idx"].shape[1])
+    npatch = (size // p) ** 2
+    pre = prefix_tokens(cfg)
+    dp = j.pred_dim
+    patch = 2 * npatch * (C * p * p) * d
+    target = b * (patch + depth * _block_flops(pre + npatch, d, hid))
+    context = b * (patch + depth * _block_flops(pre + nc, d, hid))
+    predictor = b * mm * (2 * nc * d * dp + j.pred_depth * _block_flops(nc + nt, dp, 4 * dp) + 2 * nt * dp * d)
+    student_fwd = context + predictor
+    student_bwd = 2 * student_fwd - b * patch
+    return {"per_image": {"patches": npatch, "context_tokens_padded": nc, "target_blocks": mm,
+                          "target_tokens_padded": nt},
+            "teacher_forward": target, "context_forward": context, "predictor_forward": predictor,
+            "student_forward": student_fwd, "student_backward": student_bwd,
+            "total": target + student_fwd + student_bwd}
+
+
+def synthetic_ijepa_batch(cfg: RunConfig) -> dict:
+    """Random uint8 images [B, C, S, S] with multi-block masks drawn by the training collate."""
+    from fovea.methods.registry import ijepa_collate
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    b, s = cfg.data.batch_size, cfg.crops.global_size
+    imgs = torch.randint(0, 256, (b, cfg.model.in_chans, s, s), generator=g, dtype=torch.uint8)
+    return ijepa_collate(cfg)([(imgs[i], cfg.train.seed * 1_000_003 + i, 0) for i in range(b)])
+
+
 def _cpu_sdpa_mapping() -> dict:
     """FlopCounterMode formulas for the CPU flash-attention kernels when torch lacks them."""
     from torch.utils import flop_counter as fc
@@ -267,7 +321,9 @@ def param_counts(t: Trainer) -> dict[str, int]:
     def n(mod: torch.nn.Module, trainable: bool = False) -> int:
         return sum(p.numel() for p in mod.parameters() if p.requires_grad or not trainable)
 
-    return {"student_backbone": n(s.backbone), "student_head": n(s.head), "student_total": n(s),
+    head = getattr(s, "head", None) or getattr(s, "predictor", None)  # I-JEPA: the predictor
+    return {"student_backbone": n(s.backbone), "student_head": n(head) if head is not None else 0,
+            "student_total": n(s),
             "student_trainable": n(s, True), "teacher_total": n(t.method.teacher)}
 
 
@@ -319,10 +375,10 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     if real:
         from fovea.data.loader import make_train_loader
         from fovea.data.sources import build_source, probe_source
-        from fovea.train.loop import make_dataset
+        from fovea.methods.registry import build_train_data
         source = build_source(cfg.data.train)
         probe_source(source)
-        dataset = make_dataset(cfg, source)  # as the Trainer builds it (iBOT masks included)
+        dataset, collate = build_train_data(cfg, source)  # as the Trainer builds it (iBOT / I-JEPA masks)
         plan = make_plan(cfg, len(source), 1)
         res_n_images = (len(source), "data.train")
         state = {"epoch": 0, "it": None}
@@ -331,7 +387,8 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
             while True:
                 if state["it"] is None:
                     state["it"] = iter(make_train_loader(dataset, b, 0, 1, cfg.train.seed, state["epoch"], 0,
-                                                         cfg.data.num_workers, pin_memory=device.type == "cuda"))
+                                                         cfg.data.num_workers, pin_memory=device.type == "cuda",
+                                                         collate_fn=collate))
                 try:
                     return next(state["it"])
                 except StopIteration:
@@ -339,9 +396,10 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     else:
         plan = make_plan(cfg, n_images, 1)
         res_n_images = (n_images, n_images_from)
-        crops = synthetic_crops(cfg, device)
+        ijepa = synthetic_ijepa_batch(cfg) if cfg.method == "ijepa" else None
+        crops = synthetic_crops(cfg, device) if ijepa is None else []
         extra = {}
-        if cfg.ibot.enabled:  # iBOT block masks of the global crops, as the collate makes them
+        if cfg.ibot.enabled and ijepa is None:  # iBOT block masks of the global crops, as the collate makes them
             import numpy as np
 
             from fovea.masking.block import BlockMasker
@@ -351,14 +409,19 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
             extra["masks"] = m.transpose(0, 1).reshape(2 * b, -1).to(device)
 
         def next_batch() -> dict:
+            if ijepa is not None:
+                return dict(ijepa)
             return {"crops": list(crops), "skipped": 0, **extra}
 
     step = args.start_step if args.start_step is not None else plan.freeze_last_layer_steps
+
+    last: dict = {}
 
     def one_step() -> tuple[float, float, dict]:
         nonlocal step
         t0 = time.perf_counter()
         batch = next_batch()
+        last["batch"] = batch
         t1 = time.perf_counter()
         sv = step_values(cfg, plan, step)
         t.step = step
@@ -372,7 +435,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         one_step()
 
     # ---- FLOPs: analytic, and FlopCounterMode on one extra (untimed) step
-    ana = analytic_flops(cfg)
+    ana = ijepa_flops(cfg, last.get("batch") or next_batch()) if cfg.method == "ijepa" else analytic_flops(cfg)
     counted, counter_error = None, None
     if not args.no_flop_counter:
         try:
@@ -397,6 +460,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     ref_peak = peak.get("bf16_best_gflops") if step_dtype == torch.bfloat16 else peak["best_gflops"]
 
     tok_g, tok_l = tokens_per_crop(cfg, cfg.crops.global_size), tokens_per_crop(cfg, cfg.crops.local_size)
+    n_global, n_local = (1, 0) if cfg.method == "ijepa" else (2, cfg.crops.n_local)
     d, depth, heads, hid = mlp_hidden(cfg)
     res: dict[str, Any] = {
         "preset": cfg.name, "overrides": list(args.all_overrides),
@@ -406,18 +470,25 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         "model": {"arch": cfg.model.arch, "embed_dim": d, "depth": depth, "num_heads": heads, "mlp_hidden": hid,
                   "patch_size": cfg.model.patch_size, "registers": cfg.model.num_register_tokens,
                   "head": {"out_dim": cfg.dino.out_dim, "hidden_dim": cfg.dino.hidden_dim,
-                           "bottleneck_dim": cfg.dino.bottleneck_dim, "nlayers": cfg.dino.nlayers}},
+                           "bottleneck_dim": cfg.dino.bottleneck_dim, "nlayers": cfg.dino.nlayers},
+                  **({"predictor": f"{cfg.ijepa.pred_dim}x{cfg.ijepa.pred_depth}"} if cfg.method == "ijepa" else {})},
         "batch_size": b,
         "n_images": {"value": res_n_images[0], "from": res_n_images[1]},
-        "crops": {"global": 2, "local": cfg.crops.n_local, "global_size": cfg.crops.global_size,
+        "method": cfg.method,
+        "crops": {"global": n_global, "local": n_local, "global_size": cfg.crops.global_size,
                   "local_size": cfg.crops.local_size},
-        "tokens_per_image": {"global_crop": tok_g, "local_crop": tok_l if cfg.crops.n_local else 0,
-                             "student": 2 * tok_g + cfg.crops.n_local * tok_l, "teacher": 2 * tok_g},
+        "tokens_per_image": ({"global_crop": tok_g, "local_crop": 0, "teacher": tok_g,
+                              "student": prefix_tokens(cfg) + ana["per_image"]["context_tokens_padded"],
+                              "predictor": ana["per_image"]["target_blocks"]
+                              * (ana["per_image"]["context_tokens_padded"] + ana["per_image"]["target_tokens_padded"])}
+                             if cfg.method == "ijepa" else
+                             {"global_crop": tok_g, "local_crop": tok_l if n_local else 0,
+                              "student": 2 * tok_g + n_local * tok_l, "teacher": 2 * tok_g}),
         "params": param_counts(t),
         "steps": args.steps, "warmup": args.warmup, "first_timed_step": step - args.steps,
         "step_time_s": st, "step_times_s": compute,
         "images_per_s": ips,
-        "crops_per_s": ips * (2 + cfg.crops.n_local),
+        "crops_per_s": ips * (n_global + n_local),
         "flops_per_step": flops,
         "flops_source": "flop_counter" if use_counter else "analytic",
         "flops": {"analytic": ana["total"], "flop_counter": counted,
@@ -428,7 +499,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         "matmul_peak": peak,
         "frac_of_peak": gflops / ref_peak if ref_peak else None,
         "frac_of_peak_reference": ("bf16" if step_dtype == torch.bfloat16 else "fp32") + " square-matmul best",
-        "last_loss": logs.get("loss/dino"),
+        "last_loss": logs.get("loss/jepa", logs.get("loss/dino")),
     }
     if real:
         tt = _stats(total)
@@ -467,14 +538,22 @@ def print_table(r: dict[str, Any]) -> None:
         ("data", r["data"]),
         ("model", f"{r['model']['arch']} D={r['model']['embed_dim']} depth={r['model']['depth']} "
                   f"heads={r['model']['num_heads']} patch={r['model']['patch_size']}, "
-                  f"head K={r['model']['head']['out_dim']}"),
+                  + (f"predictor {r['model']['predictor']}" if "predictor" in r["model"]
+                     else f"head K={r['model']['head']['out_dim']}")),
         ("params (student / trainable)", f"{r['params']['student_total']:,} / {r['params']['student_trainable']:,} "
                                          f"(backbone {r['params']['student_backbone']:,})"),
-        ("batch x crops", f"{r['batch_size']} x (2 x {r['crops']['global_size']}px + "
-                          f"{r['crops']['local']} x {r['crops']['local_size']}px)"),
-        ("tokens / image (student)", f"{r['tokens_per_image']['student']} "
-                                     f"(global crop {r['tokens_per_image']['global_crop']}, "
-                                     f"local crop {r['tokens_per_image']['local_crop']})"),
+    ]
+    tk = r["tokens_per_image"]
+    if r.get("method") == "ijepa":
+        rows += [("batch x views", f"{r['batch_size']} x 1 view of {r['crops']['global_size']}px"),
+                 ("tokens / image", f"target encoder {tk['teacher']}, context encoder {tk['student']}, "
+                                    f"predictor {tk['predictor']} (padded)")]
+    else:
+        rows += [("batch x crops", f"{r['batch_size']} x (2 x {r['crops']['global_size']}px + "
+                                   f"{r['crops']['local']} x {r['crops']['local_size']}px)"),
+                 ("tokens / image (student)", f"{tk['student']} (global crop {tk['global_crop']}, "
+                                              f"local crop {tk['local_crop']})")]
+    rows += [
         ("timed steps (warm-up)", f"{r['steps']} ({r['warmup']})"),
         ("step time", f"{st['mean'] * 1e3:,.1f} ms +- {st['std'] * 1e3:,.1f} "
                       f"(median {st['median'] * 1e3:,.1f}, min {st['min'] * 1e3:,.1f})"),

@@ -112,3 +112,37 @@ def test_real_data(bench, tmp_path, keep_threads):
     res = bench.main([*TINY, "data.num_workers=0", "--real-data", "--steps", "2", "--warmup", "1", *FAST,
                       "--json", str(tmp_path / "d.json")])
     assert res["data"] == "real" and res["images_per_s_with_data"] > 0
+
+
+IJEPA_TINY = ["model.depth=1", "model.embed_dim=48", "model.num_heads=3", "ijepa.pred_dim=24", "ijepa.pred_depth=1",
+              "ijepa.pred_heads=3", "data.batch_size=4"]
+
+
+def test_ijepa_step_json_and_analytic_flops(bench, tmp_path, keep_threads):
+    """I-JEPA: the benchmark runs the method's own batch (one view + multi-block masks) and counts its FLOPs."""
+    out = tmp_path / "ijepa.json"
+    res = bench.main(["ijepa_vittiny_cifar10", *IJEPA_TINY, "--steps", "1", "--warmup", "0", *FAST,
+                      "--json", str(out), "--n-images", "64"])
+    data = json.loads(out.read_text())
+    assert data["method"] == "ijepa" and data["images_per_s"] > 0 and res["images_per_s"] == data["images_per_s"]
+    assert data["last_loss"] is not None and data["last_loss"] > 0
+    # hand count from the padded shapes of the synthetic batch: 32 px / patch 4 = 64 patches, no CLS,
+    # D=48 (MLP 192), predictor 24 wide (MLP 96), one block each, batch 4
+    batch = bench.synthetic_ijepa_batch(load_config("ijepa_vittiny_cifar10", IJEPA_TINY))
+    b, m, nt = batch["tgt_idx"].shape
+    nc = batch["ctx_idx"].shape[1]
+    assert (b, m) == (4, 4) and 10 <= nc <= 64 and 1 <= nt <= 64
+    D, H, P, HP = 48, 192, 24, 96
+
+    def block(n: int, d: int, h: int) -> int:
+        return 2 * n * (4 * d * d + 2 * d * h) + 4 * n * n * d
+
+    patch = 2 * 64 * (3 * 4 * 4) * D
+    target = 4 * (patch + block(64, D, H))
+    student = 4 * (patch + block(nc, D, H)) + 16 * (2 * nc * D * P + block(nc + nt, P, HP) + 2 * nt * P * D)
+    # student backward = 2x forward, minus the patch-embed input gradient of the 4 images
+    assert data["flops"]["analytic"] == target + 3 * student - 4 * patch
+    assert data["tokens_per_image"] == {"global_crop": 64, "local_crop": 0, "teacher": 64, "student": nc,
+                                        "predictor": 4 * (nc + nt)}
+    if data["flops"]["flop_counter"]:
+        assert 0.9 <= data["flops"]["counter_over_analytic"] <= 1.1

@@ -42,6 +42,17 @@ def multicrop_dataset(cfg: RunConfig, source: ImageSource, highres: bool = False
     return MultiCropDataset(source, MultiCrop(crops), cfg.train.seed, masker)
 
 
+def ijepa_collate(cfg: RunConfig) -> Callable[[list], dict]:
+    """I-JEPA collate: stacks the views and draws each image's multi-block masks from its own seed."""
+    from fovea.data.single_view import MaskCollate
+    from fovea.masking.multiblock import MultiBlockSampler
+    j = cfg.ijepa
+    grid = cfg.crops.global_size // cfg.model.patch_size
+    sampler = MultiBlockSampler(grid, grid, j.num_targets, tuple(j.target_scale), tuple(j.target_aspect),
+                                tuple(j.context_scale), tuple(j.context_aspect), j.min_context)
+    return MaskCollate(sampler, j.equalize)
+
+
 def build_train_data(cfg: RunConfig, source: ImageSource, highres: bool = False
                      ) -> tuple[Dataset, Callable[[list], dict]]:
     """(dataset keyed by (epoch, index), collate function) for ``cfg.method``.
@@ -53,12 +64,8 @@ def build_train_data(cfg: RunConfig, source: ImageSource, highres: bool = False
         from fovea.data.loader import collate_multicrop
         return multicrop_dataset(cfg, source, highres), collate_multicrop
     if cfg.method == "ijepa":
-        from fovea.data.single_view import MaskCollate, SingleView, SingleViewDataset
-        from fovea.masking.multiblock import MultiBlockSampler
+        from fovea.data.single_view import SingleView, SingleViewDataset
         c, j = cfg.crops, cfg.ijepa
         view = SingleView(c.global_size, j.crop_scale, c.ratio, j.flip_p, c.interpolation)
-        grid = c.global_size // cfg.model.patch_size
-        sampler = MultiBlockSampler(grid, grid, j.num_targets, tuple(j.target_scale), tuple(j.target_aspect),
-                                    tuple(j.context_scale), tuple(j.context_aspect), j.min_context)
-        return SingleViewDataset(source, view, cfg.train.seed), MaskCollate(sampler, j.equalize)
+        return SingleViewDataset(source, view, cfg.train.seed), ijepa_collate(cfg)
     raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
