@@ -238,3 +238,19 @@ def test_pca_rgb_separates_foreground_and_blacks_background():
     assert rgb.shape == (2, 6, 6, 3) and rgb.min() >= 0 and rgb.max() <= 1
     assert rgb[:, 0].abs().sum() == 0  # background black
     assert (rgb[:, 2:4, 2:4].sum(-1) > 0).float().mean() > 0.7  # foreground coloured
+
+
+def test_suite_reports_mean_patch_for_a_backbone_without_cls():
+    """I-JEPA banks (has_cls=False): 'cls' / 'both' requests are evaluated and named as mean_patch."""
+    from fovea.eval.suite import Suite
+    xtr, ytr = separable(20, seed=0)
+    xte, yte = separable(5, seed=1)
+    s = Suite.__new__(Suite)  # no checkpoint: banks injected
+    s._banks = {"train": FeatureBank(xtr[:, None], xtr, torch.zeros(len(ytr), 0, 12), ytr, has_cls=False),
+                "test": FeatureBank(xte[:, None], xte, torch.zeros(len(yte), 0, 12), yte, has_cls=False)}
+    res = s.knn(ks=[5], kinds=["cls", "both", "mean_patch@4"])
+    assert list(res["features"]) == ["mean_patch", "mean_patch@4"]
+    assert res["features"]["mean_patch"]["k=5"] == 100.0
+    assert s.kind("cls_last4") == "cls_last4"
+    s._banks["train"].has_cls = True
+    assert s.kind("cls@4") == "cls@4"

@@ -83,6 +83,44 @@ def test_no_cls_eval_uses_mean_patch() -> None:
     assert torch.allclose(m(x), out["x_norm_patchtokens"].mean(1))
 
 
+@pytest.mark.parametrize("cls_token,registers", [(False, 0), (False, 2), (True, 2)])
+def test_eval_bank_uses_every_patch_and_the_right_prefix(cls_token: bool, registers: int) -> None:
+    """The cached feature bank (fovea eval ...) agrees with forward_features for every token layout."""
+    from fovea.eval.bank import forward_bank
+    from fovea.eval.linear import FEATURE_GRID, linear_probe
+    from fovea.eval.bank import FeatureBank
+    m = tiny_vit(cls_token=cls_token, pos_embed="sincos", num_register_tokens=registers).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        cls, mean, reg = forward_bank(m, x, 2)
+        out = m.forward_features(x)
+        lay = m.get_intermediate_layers(x, n=2, norm=True)
+    assert torch.allclose(mean, out["x_norm_patchtokens"].mean(1), atol=1e-6)  # all 16 patches
+    assert reg.shape == (3, registers, 48) and torch.allclose(reg, out["x_norm_regtokens"], atol=1e-6)
+    if cls_token:
+        assert torch.allclose(cls[:, -1], out["x_norm_clstoken"], atol=1e-6)
+    else:  # each block's slot is its normed mean patch token
+        assert torch.allclose(cls[:, -1], mean, atol=1e-6)
+        assert torch.allclose(cls[:, 0], lay[0].mean(1), atol=1e-6)
+    # the linear grid of a bank without CLS is the mean patch of the last 1 / 4 blocks
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 4
+    f = torch.randn(40, 2, 8, generator=g) + 3 * torch.nn.functional.one_hot(y, 8)[:, None].float()
+    bank = FeatureBank(f, f[:, -1], torch.zeros(40, 0, 8), y, has_cls=cls_token)
+    res = linear_probe(bank, bank, epochs=2, lrs=[0.1])
+    assert list(res["grid"]) == (list(FEATURE_GRID) if cls_token else ["last1", "last4"])
+    assert bank.subset(torch.arange(5)).has_cls == cls_token
+
+
+def test_no_cls_attention_picture_is_attention_received() -> None:
+    from fovea.eval.pictures import cls_attention
+    m = tiny_vit(cls_token=False, pos_embed="sincos", num_register_tokens=2).eval()
+    a = cls_attention(m, torch.randn(2, 3, 16, 16))
+    assert a.shape == (2, 3, 4, 4)
+    # averaged over patch queries, the attention a head gives to patches plus registers sums to 1
+    assert bool((a.sum((2, 3)) <= 1 + 1e-5).all()) and bool((a.sum((2, 3)) > 0.5).all())
+
+
 def test_keep_with_padding_equals_unpadded_subset() -> None:
     m = tiny_vit(cls_token=False, pos_embed="sincos").eval()
     x = torch.randn(1, 3, 16, 16)

@@ -34,12 +34,16 @@ class FeatureBank:
 
     cls [N, n, D] (CLS of the last n blocks, oldest first: ``cls[:, -1]`` is the final CLS),
     mean_patch [N, D] (last block), registers [N, R, D] (R may be 0), labels [N] int64.
+    A backbone without CLS token (I-JEPA) has ``has_cls=False``: the ``cls`` slots then hold each
+    block's mean patch token (through the final LayerNorm), the pooled feature I-JEPA is evaluated on,
+    so ``cls[:, -1]`` equals ``mean_patch`` and ``cls_last4`` is the last 4 blocks' mean patch tokens.
     """
 
     cls: Tensor
     mean_patch: Tensor
     registers: Tensor
     labels: Tensor
+    has_cls: bool = True
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -75,25 +79,30 @@ class FeatureBank:
 
     def subset(self, idx: Tensor) -> "FeatureBank":
         """The bank restricted to rows ``idx`` [M]."""
-        return FeatureBank(self.cls[idx], self.mean_patch[idx], self.registers[idx], self.labels[idx])
+        return FeatureBank(self.cls[idx], self.mean_patch[idx], self.registers[idx], self.labels[idx], self.has_cls)
 
-    def state(self) -> dict[str, Tensor]:
-        return {"cls": self.cls, "mean_patch": self.mean_patch, "registers": self.registers, "labels": self.labels}
+    def state(self) -> dict:
+        return {"cls": self.cls, "mean_patch": self.mean_patch, "registers": self.registers, "labels": self.labels,
+                "has_cls": self.has_cls}
 
 
 def forward_bank(backbone: VisionTransformer, x: Tensor, n_last: int) -> tuple[Tensor, Tensor, Tensor]:
     """Normalised image batch [B, 3, H, W] (any multiple of the patch size) ->
-    (CLS of the last n blocks [B, n, D], mean patch of the last block [B, D], registers [B, R, D])."""
+    (CLS of the last n blocks [B, n, D], mean patch of the last block [B, D], registers [B, R, D]).
+
+    Token layout ``[CLS?, registers..., patches...]``; without a CLS token (I-JEPA) each block's
+    slot holds its mean patch token (patches through the final LayerNorm, then averaged).
+    """
     t = backbone.prepare_tokens(x)
-    r = backbone.num_register_tokens
+    c, np_ = backbone.n_cls, backbone.n_prefix
     first = backbone.depth - n_last
     cls = []
     for i, blk in enumerate(backbone.blocks):
         t = blk(t)
         if i >= first:
-            cls.append(backbone.norm(t[:, :1]))
+            cls.append(backbone.norm(t[:, :1]) if c else backbone.norm(t[:, np_:]).mean(1, keepdim=True))
     last = backbone.norm(t)
-    return torch.cat(cls, 1), last[:, 1 + r:].mean(1), last[:, 1:1 + r]
+    return torch.cat(cls, 1), last[:, np_:].mean(1), last[:, c:np_]
 
 
 @torch.no_grad()
@@ -118,7 +127,7 @@ def extract_bank(backbone: VisionTransformer, source: ImageSource, size: int, de
         labels.append(batch["labels"])
     backbone.train(was_training)
     return FeatureBank(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]),
-                       torch.cat([o[2] for o in outs]), torch.cat(labels))
+                       torch.cat([o[2] for o in outs]), torch.cat(labels), backbone.n_cls > 0)
 
 
 def cache_key(checkpoint: str | Path, which: str, source: ImageSource, size: int, n_last: int) -> str:
@@ -126,7 +135,7 @@ def cache_key(checkpoint: str | Path, which: str, source: ImageSource, size: int
     p = Path(checkpoint)
     st = os.stat(p)
     ident = {"ckpt": str(p.resolve()), "mtime": st.st_mtime_ns, "bytes": st.st_size, "which": which,
-             "source": source.name, "n": len(source), "size": size, "n_last": n_last, "v": 1}
+             "source": source.name, "n": len(source), "size": size, "n_last": n_last, "v": 2}
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,8 @@ def grid_features(bank: FeatureBank, configs: list[str]) -> dict[str, Tensor]:
     """Feature matrices of the grid's configurations: {name: [N, D_name]}.
 
     last1: final CLS [N, D]; last1+mean: CLS and mean patch [N, 2D]; last4: CLS of the last 4
-    blocks [N, 4D]; last4+mean: [N, 5D].
+    blocks [N, 4D]; last4+mean: [N, 5D]. For a bank without CLS (``has_cls=False``, I-JEPA) the
+    "CLS" of a block is its mean patch token, so last1 / last4 are the mean patch of the last 1 / 4 blocks.
     """
     out = {}
     for c in configs:
@@ -100,7 +101,8 @@ def linear_probe(train: FeatureBank, test: FeatureBank, configs: list[str] | Non
     Returns {"test_top1", "val_top1", "best": {"features", "lr"}, "grid": {name: {lr: val acc}},
     "test_grid": {name: test acc of the name's best-val lr}, "n_train", "n_val", "n_test"}.
     """
-    configs = configs or list(FEATURE_GRID)
+    # without a CLS token (I-JEPA) the grid is the mean patch token of the last 1 or 4 blocks
+    configs = configs or (list(FEATURE_GRID) if train.has_cls else ["last1", "last4"])
     lrs = list(lrs or LR_GRID)
     keep_tr, keep_te = train.labels >= 0, test.labels >= 0
     train, test = train.subset(keep_tr.nonzero().flatten()), test.subset(keep_te.nonzero().flatten())

@@ -58,14 +58,18 @@ def pca_rgb(patches: Tensor, foreground: bool = True) -> Tensor:
 
 @torch.no_grad()
 def cls_attention(backbone: VisionTransformer, x: Tensor) -> Tensor:
-    """Normalised images [B, 3, H, W] -> last-block CLS attention to patches [B, heads, h, w]."""
+    """Normalised images [B, 3, H, W] -> last-block CLS attention to patches [B, heads, h, w].
+
+    A backbone without CLS token (I-JEPA) gives the attention each patch receives, averaged over
+    all patch queries.
+    """
     t = backbone.prepare_tokens(x)
     for blk in backbone.blocks[:-1]:
         t = blk(t)
     last = backbone.blocks[-1]
     att = last.attn.attention_map(last.norm1(t))  # [B, heads, N, N]
-    r, p = backbone.num_register_tokens, backbone.patch_size
-    a = att[:, :, 0, 1 + r:]
+    np_, p = backbone.n_prefix, backbone.patch_size
+    a = att[:, :, 0, np_:] if backbone.n_cls else att[:, :, np_:, np_:].mean(2)
     return a.reshape(x.shape[0], -1, x.shape[2] // p, x.shape[3] // p)
 
 

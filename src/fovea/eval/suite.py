@@ -111,11 +111,20 @@ class Suite:
         return bank
 
     # ----------------------------------------------------------------- protocols
+    def kind(self, kind: str) -> str:
+        """``kind`` as this backbone can give it: without a CLS token (I-JEPA) ``cls`` and ``both``
+        are the mean patch token, and are reported under that name (``@W`` widths kept)."""
+        base, at, w = kind.partition("@")
+        if base in ("cls", "both") and not self.bank("train").has_cls:
+            return "mean_patch" + at + w
+        return kind
+
     def knn(self, ks: list[int] = (10, 20, 100, 200), temperature: float = 0.07,
             kinds: list[str] = ("cls",)) -> dict:
         """{"features": {kind: {"k=K": top-1 %}}, "temperature"}."""
         from fovea.eval.knn import knn_accuracy
         tr, te = self.bank("train"), self.bank("test")
+        kinds = list(dict.fromkeys(self.kind(k) for k in kinds))
         res = {kind: {f"k={k}": a for k, a in knn_accuracy(tr.get(kind), tr.labels, te.get(kind), te.labels,
                                                             list(ks), temperature).items()} for kind in kinds}
         return {"features": res, "temperature": temperature, "n_train": len(tr), "n_test": len(te)}
@@ -132,6 +141,7 @@ class Suite:
         """See :func:`fovea.eval.logreg.logreg_eval`."""
         from fovea.eval.logreg import logreg_eval
         tr, te = self.bank("train"), self.bank("test")
+        kind = self.kind(kind)
         return {**logreg_eval(tr.get(kind), tr.labels, te.get(kind), te.labels, cs, 0.1, sweep_limit, max_iter,
                               self.opts.seed), "features": kind}
 
@@ -139,6 +149,7 @@ class Suite:
         """See :func:`fovea.eval.fewshot.fewshot_eval`."""
         from fovea.eval.fewshot import fewshot_eval
         tr, te = self.bank("train"), self.bank("test")
+        kind = self.kind(kind)
         return {"shots": fewshot_eval(tr.get(kind), tr.labels, te.get(kind), te.labels, list(shots), draws, c,
                                       seed=self.opts.seed), "features": kind, "draws": draws, "C": c}
 
@@ -146,6 +157,7 @@ class Suite:
         """k-th-NN OOD: bank = train, positives = test, negatives = the --ood source."""
         from fovea.eval.ood import ood_eval
         tr, te, oo = self.bank("train"), self.bank("test"), self.bank("ood")
+        kind = self.kind(kind)
         return {"scores": ood_eval(tr.get(kind), te.get(kind), oo.get(kind), list(ks)), "features": kind,
                 "n_id": len(te), "n_ood": len(oo)}
 
