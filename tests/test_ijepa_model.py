@@ -172,6 +172,9 @@ def test_jepa_loss_hand_values_and_zero_at_target() -> None:
     pred = t.clone()
     pred[0, 0, 0] += 0.5
     assert jepa_loss(pred, t, valid, "smooth_l1").item() == pytest.approx(0.125 / 8 / n_valid, rel=1e-5)
+    # data-parallel: the denominator is the global patch count per rank, not this rank's count
+    assert jepa_loss(pred, t, valid, "smooth_l1", count=torch.tensor(12.0)).item() == pytest.approx(
+        0.125 / 8 / 12, rel=1e-5)
     with pytest.raises(ValueError):
         jepa_loss(t, t, kind="l1")
 

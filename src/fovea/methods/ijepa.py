@@ -91,7 +91,11 @@ class IJEPA(Method):
             targets = gather_targets(jepa_targets(h), tgt_idx)
         pred = self.student_fwd(x, batch["ctx_idx"], batch["ctx_valid"], tgt_idx, tgt_valid)
         valid = tgt_valid.reshape(pred.shape[0], -1)
-        loss = jepa_loss(pred, targets.to(pred.dtype), valid, self.cfg.ijepa.loss)
+        count = valid.sum().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)  # global number of target patches, shared out over the ranks
+            count = count / torch.distributed.get_world_size()
+        loss = jepa_loss(pred, targets.to(pred.dtype), valid, self.cfg.ijepa.loss, count=count)
         with torch.no_grad():
             logs = {"loss/jepa": loss.detach(),
                     "diag/target_std": feature_std(h.mean(1)),  # image-level (mean patch) spread

@@ -205,9 +205,10 @@ class Trainer:
             self.results["knn"][tag] = res
             flat = {f"knn/{kind}/{k}": v for kind, accs in res["features"].items() for k, v in accs.items()}
             self.logger.log(self.step, flat)
-            main = res["features"][self._knn_kind(res)]
-            print(f"[fovea] k-NN ({tag}, step {self.step}, {self._knn_kind(res)}): "
-                  + ", ".join(f"{k} {v:.2f}%" for k, v in main.items()) + f"  [{res['seconds']}s]", flush=True)
+            for i, (kind, accs) in enumerate(self._knn_shown(res)):
+                print(f"[fovea] k-NN ({tag}, step {self.step}, {kind}): "
+                      + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items())
+                      + (f"  [{res['seconds']}s]" if i == 0 else ""), flush=True)
         barrier(self.info)
         return res
 
@@ -310,15 +311,18 @@ class Trainer:
         kind = self.cfg.eval.knn.features
         return kind if kind in res["features"] else "mean_patch"
 
+    def _knn_shown(self, res: dict) -> list[tuple[str, dict]]:
+        """(kind, accuracies) printed for a k-NN result: the main kind, then its truncations ``KIND@w``."""
+        kind = self._knn_kind(res)
+        return [(k, v) for k, v in res["features"].items() if k == kind or k.startswith(kind + "@")]
+
     def _summary(self, minutes: float) -> None:
         c, knn = self.cfg, self.results["knn"]
         lines = [f"[fovea] done: {self.step} steps, {minutes:.1f} min of training in this session"]
         if self.skipped:
             lines.append(f"[fovea] skipped {self.skipped} unreadable images (replaced by the next readable one)")
         for tag in ("start", "end"):
-            if tag in knn:
-                kind = self._knn_kind(knn[tag])
-                accs = knn[tag]["features"][kind]
+            for kind, accs in (self._knn_shown(knn[tag]) if tag in knn else []):
                 lines.append(f"[fovea] k-NN {tag:5s} ({kind}): "
                              + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
         lines += [f"[fovea] resolved config: {self.out / 'config.yaml'}",
