@@ -3,13 +3,10 @@ resume across the high-resolution phase switch. Both marked slow (about a minute
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_e2e import TINY, make_folder, run_cli
+from test_e2e import TINY, make_folder, run_cli, run_torchrun
 
 V2 = ["method=dinov2", "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out_dim=32", "ibot.mask_prob=0.7",
       "model.layerscale_init=1e-5", "dino.use_bn=false"]
@@ -34,11 +31,7 @@ def test_dinov2_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> Non
     # KoLeo is per rank by definition (nearest neighbour within the rank's batch): off here.
     steps = ["optim.max_steps=3", "train.checkpoint_every_steps=100", "koleo.weight=0"]
     run_cli(base(folder, tmp_path / "one") + ["data.batch_size=8", *steps])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-           "-m", "fovea", "train", *base(folder, tmp_path / "two"), "data.batch_size=4", *steps]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_torchrun(base(folder, tmp_path / "two") + ["data.batch_size=4", *steps], 29541)
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for s in one:

@@ -57,6 +57,16 @@ def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) 
     return proc
 
 
+def run_torchrun(args: list[str], port: int, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``fovea train ARGS`` under torchrun with ``nproc`` CPU ranks (gloo, one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "-m", "fovea", "train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def losses(run: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {r["step"]: r["loss/dino"] for r in rows if "loss/dino" in r}
@@ -108,11 +118,7 @@ def test_torchrun_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> N
     # CPU/gloo, where exact 1-vs-2-rank equality therefore only holds without it.
     steps = ["optim.max_steps=4", "train.checkpoint_every_steps=100", "train.threads=1", "dino.use_bn=false"]
     run_cli(base_args(folder, tmp_path / "one") + ["data.batch_size=8", *steps])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-           "-m", "fovea", "train", *base_args(folder, tmp_path / "two"), "data.batch_size=4", *steps]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_torchrun(base_args(folder, tmp_path / "two") + ["data.batch_size=4", *steps], 29531)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for s in one:

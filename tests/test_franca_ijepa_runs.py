@@ -8,13 +8,12 @@ the nested iBOT heads (Franca), and the I-JEPA loss normalised by the global num
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_e2e import TINY, make_folder, run_cli
+from test_e2e import TINY, make_folder, run_cli, run_torchrun
 from test_ijepa_e2e import TINY as JEPA_TINY
 
 FRANCA = ["method=franca", "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out_dim=32", "ibot.mask_prob=0.7",
@@ -29,14 +28,6 @@ def rows(run: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("imgs"))
-
-
-def two_ranks(args: list[str], port: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "fovea", "train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def folder_data(folder: Path) -> list[str]:
@@ -66,7 +57,7 @@ def test_franca_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> Non
     common = ["dino_vittiny_fmnist", *TINY, *FRANCA, *folder_data(folder), "optim.max_steps=3",
               "train.checkpoint_every_steps=100"]
     run_cli(common + [f"output_dir={tmp_path / 'one'}", "data.batch_size=8"])
-    two_ranks(common + [f"output_dir={tmp_path / 'two'}", "data.batch_size=4"], 29551)
+    run_torchrun(common + [f"output_dir={tmp_path / 'two'}", "data.batch_size=4"], 29551)
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     keys = [f"loss/{k}@{w}" for k in ("dino", "ibot") for w in (12, 24, 48)] + ["loss/total"]
@@ -80,7 +71,7 @@ def test_ijepa_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> None
     common = ["ijepa_vittiny_cifar10", *JEPA_TINY, *folder_data(folder), "optim.max_steps=3",
               "train.checkpoint_every_steps=100", "eval.at_end=false"]
     run_cli(common + [f"output_dir={tmp_path / 'one'}", "data.batch_size=8"])
-    two_ranks(common + [f"output_dir={tmp_path / 'two'}", "data.batch_size=4"], 29552)
+    run_torchrun(common + [f"output_dir={tmp_path / 'two'}", "data.batch_size=4"], 29552)
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for s in one:
