@@ -13,16 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_dinov2_e2e import rows
 from test_e2e import TINY, make_folder, run_cli, run_torchrun
 from test_ijepa_e2e import TINY as JEPA_TINY
 
 FRANCA = ["method=franca", "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out_dim=32", "ibot.mask_prob=0.7",
           "ibot.mask_type=cyclic", "ibot.mask_ratio=[0.1,0.65]", "matryoshka.enabled=true",
           "matryoshka.widths=[12,24,48]", "model.layerscale_init=1e-5", "dino.use_bn=false", "koleo.weight=0"]
-
-
-def rows(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "step" in r}
 
 
 @pytest.fixture(scope="module")
