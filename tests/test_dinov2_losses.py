@@ -17,6 +17,7 @@ from fovea.losses.ibot import ibot_patch_loss, masked_patch_weights
 from fovea.losses.koleo import koleo_loss
 from fovea.losses.sinkhorn import sinkhorn_knopp
 from fovea.masking.block import BlockMasker, block_mask
+from test_e2e import free_port
 
 
 # --------------------------------------------------------------------------- Sinkhorn-Knopp
@@ -94,7 +95,7 @@ def test_sk_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     script.write_text(SK_2RANK)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_port=29547", str(script), str(tmp_path)],
+                           f"--master_port={free_port()}", str(script), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

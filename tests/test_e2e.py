@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -57,8 +58,16 @@ def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) 
     return proc
 
 
-def run_torchrun(args: list[str], port: int, nproc: int = 2) -> subprocess.CompletedProcess:
-    """``fovea train ARGS`` under torchrun with ``nproc`` CPU ranks (gloo, one thread each)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (asked from the OS, not fixed in the test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """``fovea train ARGS`` under torchrun with ``nproc`` CPU ranks (gloo, one thread each) on a free port."""
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            "-m", "fovea", "train", *args]
@@ -118,7 +127,7 @@ def test_torchrun_two_ranks_match_one_process(folder: Path, tmp_path: Path) -> N
     # CPU/gloo, where exact 1-vs-2-rank equality therefore only holds without it.
     steps = ["optim.max_steps=4", "train.checkpoint_every_steps=100", "train.threads=1", "dino.use_bn=false"]
     run_cli(base_args(folder, tmp_path / "one") + ["data.batch_size=8", *steps])
-    run_torchrun(base_args(folder, tmp_path / "two") + ["data.batch_size=4", *steps], 29531)
+    run_torchrun(base_args(folder, tmp_path / "two") + ["data.batch_size=4", *steps])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for s in one:
