@@ -299,6 +299,7 @@ def make_stepper(cfg: RunConfig, device: torch.device) -> Trainer:
     t.optimizer = build_optimizer(t.method.student, cfg.optim)
     t.params = [p for p in t.method.student.parameters() if p.requires_grad]
     t.frozen_ids = {id(p) for p in t.method.last_layer_params()}
+    t.clip_groups = t.method.clip_groups()
     t.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     t.step = 0
     t.skipped = 0

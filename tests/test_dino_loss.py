@@ -294,3 +294,28 @@ def test_bn_head_teacher_uses_batch_statistics_and_stays_eval() -> None:
     assert torch.allclose(h.mean(0), torch.zeros(16), atol=1e-5)
     m.eval()
     assert not any(b.training for b in bns)
+
+
+@pytest.mark.parametrize("matryoshka", [False, True])
+def test_bn_both_teacher_heads_use_batch_statistics(matryoshka: bool) -> None:
+    # the separate iBOT head's BatchNorm behaves like the DINO head's: batch statistics in training
+    from fovea.config.loader import load_config
+    from fovea.methods.dino import DINO
+    from fovea.train.loop import resolve_auto
+    over = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
+            "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "dino.use_bn=true", "ibot.enabled=true",
+            "ibot.separate_head=true", "ibot.out_dim=32"]
+    if matryoshka:
+        over += ["matryoshka.enabled=true", "matryoshka.widths=[12,48]"]
+    m = DINO(resolve_auto(load_config(None, over), 100, 1)).train()
+    for head in (m.teacher.head, m.teacher.patch_head):
+        bns = [x for x in head.modules() if isinstance(x, torch.nn.BatchNorm1d)]
+        assert len(bns) == (4 if matryoshka else 2) and all(b.training for b in bns)
+    # numerically: the iBOT head's hidden features have batch mean ~0 (not the initial running stats' output)
+    head = m.teacher.patch_head.levels[-1] if matryoshka else m.teacher.patch_head
+    x = torch.randn(64, 48) * 5 + 3
+    h = head.mlp[1](head.mlp[0](x))
+    assert torch.allclose(h.mean(0), torch.zeros(16), atol=1e-5)
+    m.eval()
+    assert not any(b.training for b in m.teacher.patch_head.modules() if isinstance(b, torch.nn.BatchNorm1d))

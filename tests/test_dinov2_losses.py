@@ -48,30 +48,67 @@ def test_sk_rows_sum_to_one_and_prototype_marginals_uniform() -> None:
     assert torch.allclose(q300.sum(0) / 64, torch.full((16,), 1 / 16), rtol=1e-3)
 
 
-def test_sk_matches_float64_reference() -> None:
-    g = torch.Generator().manual_seed(1)
-    # rows that are permutations of the same values share the same max: the max subtraction is then a
-    # common factor, so 3 iterations must equal the unshifted reference exactly
-    base = torch.randn(12, generator=g)
-    t = torch.stack([base[torch.randperm(12, generator=g)] for _ in range(20)])
-    ref = sk_reference(t.double().numpy(), 0.2, 3)
-    assert np.allclose(sinkhorn_knopp(t, 0.2, 3).double().numpy(), ref, atol=1e-6)
-    # general logits: same fixed point after many iterations
-    t = torch.randn(20, 12, generator=g)
-    ref = sk_reference(t.double().numpy(), 0.2, 200)
-    assert np.allclose(sinkhorn_knopp(t, 0.2, 200).double().numpy(), ref, atol=1e-5)
+def mixed_logits(seed: int, b: int = 48, k: int = 32, scale: float = 1.0) -> torch.Tensor:
+    """A batch mixing flat samples (logits ~0.05 scale) and confident ones (one prototype far ahead),
+    with different per-sample offsets: the case where a per-sample shift changes 3-iteration targets."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(b, k, generator=g, dtype=torch.float64)
+    flat = torch.arange(b) % 3 == 0
+    t[flat] *= 0.05
+    conf = torch.arange(b) % 3 == 1
+    t[conf, torch.randint(0, k, (int(conf.sum()),), generator=g)] += 3.0
+    t += torch.rand(b, 1, generator=g, dtype=torch.float64) * 2 - 1  # per-sample offsets
+    return (t / t.abs().max() * scale).float()
+
+
+@pytest.mark.parametrize("scale,temp", [(0.3, 0.1), (1.0, 0.04), (4.0, 0.04)])
+def test_sk_matches_float64_reference_on_mixed_logits(scale: float, temp: float) -> None:
+    # float64 official algorithm (no shift of any kind) as the reference: at logit scale 4 and tau 0.04
+    # (exp(100)) it is finite in float64 but overflows float32, where fovea must still agree with it
+    t = mixed_logits(0, scale=scale)
+    ref = sk_reference(t.double().numpy(), temp, 3)
+    assert np.isfinite(ref).all()
+    out = sinkhorn_knopp(t, temp, 3)
+    assert torch.isfinite(out).all()
+    assert np.abs(out.double().numpy() - ref).max() < 1e-5
+    # the per-sample max shift of the earlier implementation is measurably different on confident logits
+    z = t.double().numpy() / temp
+    shifted = sk_reference(z - z.max(1, keepdims=True), 1.0, 3)
+    assert np.abs(shifted - ref).max() > (1e-2 if scale >= 1 else 1e-5)
+    # patch case: B_total given explicitly (e.g. masked patches over all ranks)
+    ref_n = sk_reference(t.double().numpy(), temp, 3)
+    assert np.abs(sinkhorn_knopp(t, temp, 3, torch.tensor(48.0)).double().numpy() - ref_n).max() < 1e-5
+
+
+def test_sk_official_float32_overflows_at_scale_4() -> None:
+    t = mixed_logits(1, scale=4.0)
+    q = torch.exp(t / 0.04).t()  # the official first line, in float32
+    q = q / q.sum()
+    assert not torch.isfinite(q).all()
+    assert torch.isfinite(sinkhorn_knopp(t, 0.04, 3)).all()
 
 
 def test_sk_finite_for_logits_of_100_at_tau_004() -> None:
     t = torch.zeros(8, 32)
-    t[:, 0] = 100.0  # exp(100 / 0.04) overflows without the max subtraction
+    t[:, 0] = 100.0  # exp(100 / 0.04) overflows even float64
     t[4:, 5] = 100.0
-    t[2] = -100.0
+    t[2] = -100.0  # a sample far below the others: a global max shift would underflow it
     q = sinkhorn_knopp(t, 0.04, 3)
     assert torch.isfinite(q).all()
     assert torch.allclose(q.sum(1), torch.ones(8), atol=1e-5)
+    # the flat sample keeps its mass (no underflow to 0/0) and, by symmetry, spreads it evenly over the 30
+    # prototypes that no confident sample claims, giving less to the claimed prototypes 0 and 5
+    rest = q[2, [j for j in range(32) if j not in (0, 5)]]
+    assert torch.allclose(rest, rest[0].expand(30), rtol=1e-5) and q[2, 0] < rest[0] and q[2, 5] < rest[0]
     with np.errstate(over="ignore", invalid="ignore"):  # the unshifted algorithm overflows here
         assert not np.isfinite(sk_reference(t.numpy(), 0.04, 3)).all()
+
+
+def test_sk_general_logits_converge_to_fixed_point() -> None:
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(20, 12, generator=g)
+    ref = sk_reference(t.double().numpy(), 0.2, 200)
+    assert np.allclose(sinkhorn_knopp(t, 0.2, 200).double().numpy(), ref, atol=1e-5)
 
 
 SK_2RANK = textwrap.dedent("""
@@ -82,10 +119,13 @@ SK_2RANK = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(10, 7, generator=g) * 2
     p = torch.randn(9, 7, generator=g) * 2          # 'masked patches': 4 on rank 0, 5 on rank 1
+    big = torch.randn(10, 7, generator=g) * 2.0     # logits above 3.6 at tau 0.04: official float32 overflows
     out = sinkhorn_knopp(t[5 * r:5 * r + 5], 0.1, 3)
     n = torch.tensor(float(4 if r == 0 else 5)); dist.all_reduce(n)
     outp = sinkhorn_knopp(p[:4] if r == 0 else p[4:], 0.1, 3, n)
-    torch.save({"cls": out, "patch": outp}, sys.argv[1] + f"/rank{r}.pt")
+    outb = sinkhorn_knopp(big[5 * r:5 * r + 5], 0.04, 3)
+    oute = sinkhorn_knopp(p[:0] if r == 0 else p, 0.1, 3, torch.tensor(9.0))  # rank 0 has no masked patch
+    torch.save({"cls": out, "patch": outp, "big": outb, "empty": oute}, sys.argv[1] + f"/rank{r}.pt")
     dist.destroy_process_group()
 """)
 
@@ -104,6 +144,12 @@ def test_sk_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     p = torch.randn(9, 7, generator=g) * 2
     assert torch.allclose(torch.cat([r0["cls"], r1["cls"]]), sinkhorn_knopp(t, 0.1, 3), atol=1e-6)
     assert torch.allclose(torch.cat([r0["patch"], r1["patch"]]), sinkhorn_knopp(p, 0.1, 3), atol=1e-6)
+    big = torch.randn(10, 7, generator=g) * 2.0
+    assert big.max() / 0.04 > 88.8  # exp() of it is inf in float32
+    one = sinkhorn_knopp(big, 0.04, 3)
+    assert torch.isfinite(one).all() and torch.allclose(torch.cat([r0["big"], r1["big"]]), one, atol=1e-6)
+    assert np.abs(one.double().numpy() - sk_reference(big.double().numpy(), 0.04, 3)).max() < 1e-5
+    assert r0["empty"].shape == (0, 7) and torch.allclose(r1["empty"], sinkhorn_knopp(p, 0.1, 3), atol=1e-6)
     both = torch.cat([r0["cls"], r1["cls"]])
     assert torch.allclose(both.sum(1), torch.ones(10), atol=1e-5)
     assert not torch.allclose(r0["cls"], sinkhorn_knopp(t[:5], 0.1, 3), atol=1e-3)  # ranks did communicate

@@ -268,13 +268,16 @@ def test_dinov2_presets() -> None:
     assert (v.optim.weight_decay, v.optim.weight_decay_end, v.optim.momentum_teacher) == (0.04, 0.2, 0.994)
     assert (v.dino.warmup_teacher_temp, v.dino.teacher_temp, v.model.drop_path_rate) == (0.04, 0.07, 0.4)
     assert v.model.drop_path_uniform and v.model.drop_path_mode == "efficient"
-    assert (v.optim.clip_grad, v.optim.clip_mode, v.dino.out_dim, v.dino.bottleneck_dim) == (3.0, "global", 131072, 384)
+    assert (v.optim.clip_grad, v.optim.clip_mode, v.dino.out_dim, v.dino.bottleneck_dim) == (3.0, "per_module", 131072, 384)
     assert (v.ibot.mask_prob, v.ibot.mask_ratio, v.koleo.weight, v.dino.centering) == (0.5, [0.1, 0.5], 0.1, "sinkhorn")
     assert (v.highres.steps, v.highres.global_size) == (10000, 518)
     assert (v.crops.global_size, v.crops.local_size, v.crops.n_local) == (224, 98, 8)
     assert v.crops.global_scale == [0.32, 1.0] and v.crops.local_scale == [0.05, 0.32]
-    for name in ("dinov2_vittiny_cifar10", "dinov2_vits14_imagenette", "dinov2_vitl14_imagenet22k"):
+    for name in ("dinov2_vittiny_cifar10", "dinov2_vits14_imagenette", "dinov2_vitl14_imagenet22k",
+                 "franca_vittiny_cifar10", "franca_vits14_imagenette", "franca_vitb14_imagenet21k"):
         cfg = load_config(name)
+        # official DINOv2 / Franca heads: trained weight-norm gain, clipping per sub-module to 3.0
+        assert cfg.dino.norm_last_layer is False and (cfg.optim.clip_mode, cfg.optim.clip_grad) == ("per_module", 3.0)
         assert cfg.ibot.enabled and cfg.koleo.weight == 0.1 and cfg.dino.centering == "sinkhorn"
         # the official code's inverted blur probabilities stay off: intended 1.0 / 0.1 / locals
         assert cfg.crops.dinov2_inverted_blur is False

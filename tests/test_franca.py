@@ -46,15 +46,47 @@ def test_cyclic_mask_is_flat_and_unrolled_inverse_block_is_corner_biased() -> No
 
 def test_inverse_block_visible_part_is_one_rectangle_and_roll_wraps() -> None:
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        m = inverse_block_mask(16, 16, rng.uniform(0.1, 0.65), rng, (0.1, 0.65))
+    for _ in range(200):
+        r = rng.uniform(0.1, 0.65)
+        m = inverse_block_mask(16, 16, r, rng)
+        assert m.sum() == round(r * 256)  # exactly round(ratio * patches) masked
         rows, cols = np.nonzero(~m)
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-        assert box == (~m).sum()  # the visible cells fill their bounding box exactly
+        # the visible cells fill their bounding box, but for at most one partial last row
+        full = [(~m)[i, cols.min():cols.max() + 1].all() for i in range(rows.min(), rows.max() + 1)]
+        assert all(full[:-1]) and box - (~m).sum() < cols.max() - cols.min() + 1
         rolled = random_roll(m, rng)
         assert rolled.sum() == m.sum()
         # the rolled mask is a cyclic shift of the original: some shift maps it back
         assert any(np.array_equal(np.roll(rolled, (-a, -b), (0, 1)), m) for a in range(16) for b in range(16))
+
+
+@pytest.mark.parametrize("grid", [4, 7, 14, 16])
+@pytest.mark.parametrize("kind", ["inverse_block", "cyclic"])
+def test_inverse_block_and_cyclic_mask_exact_count_at_every_ratio(grid: int, kind: str) -> None:
+    # every masked count from 0 to all patches, hit through the ratio, is realised exactly
+    n = grid * grid
+    masker = BlockMasker(grid, 1.0, (0.0, 1.0), kind=kind)
+    rng = np.random.default_rng(grid)
+    for count in range(n + 1):
+        r = count / n
+        for _ in range(3):
+            assert masker_one_with_ratio(masker, r, rng).sum() == count
+
+
+def masker_one_with_ratio(masker: BlockMasker, r: float, rng: np.random.Generator) -> np.ndarray:
+    """One mask of ``masker`` at a fixed ratio r (the ratio range pinned to [r, r])."""
+    masker.ratio = (r, r)
+    return masker.one(rng)
+
+
+def test_visible_shape_prefers_whole_rectangles_and_follows_the_aspect() -> None:
+    from fovea.masking.cyclic import visible_shape
+    assert visible_shape(16, 16, 64, 1.0) == (8, 8, 0)
+    assert visible_shape(16, 16, 64, 4.0) == (16, 4, 0)
+    assert visible_shape(4, 4, 7, 1.0) == (2, 3, 1)  # 7 = 2 x 3 + 1: no 7-cell rectangle fits 4 x 4
+    assert visible_shape(16, 16, 127, 1.0)[2] > 0  # prime: a partial row is needed
+    assert visible_shape(4, 4, 16, 1.0) == (4, 4, 0) and visible_shape(4, 4, 0, 1.0) == (0, 0, 0)
 
 
 def test_masker_probability_and_block_kind_unchanged() -> None:

@@ -135,11 +135,11 @@ def test_param_groups_decay_split():
     assert decay | no_decay == {id(p) for p in named.values()}
     must_no_decay = ["backbone.blocks.0.attn.qkv.bias", "backbone.blocks.1.mlp.fc2.bias", "backbone.patch_embed.proj.bias",
                      "backbone.blocks.0.norm1.weight", "backbone.blocks.1.norm2.bias", "backbone.norm.weight",
-                     "backbone.blocks.0.ls1.gamma", "backbone.blocks.1.ls2.gamma", "head.last_layer.weight_g",
-                     "head.mlp.0.bias"]
+                     "backbone.blocks.0.ls1.gamma", "backbone.blocks.1.ls2.gamma", "head.mlp.0.bias"]
     must_decay = ["backbone.blocks.0.attn.qkv.weight", "backbone.blocks.0.attn.proj.weight",
                   "backbone.blocks.1.mlp.fc1.weight", "backbone.patch_embed.proj.weight", "backbone.pos_embed",
-                  "backbone.cls_token", "head.mlp.0.weight", "head.last_layer.weight_v"]
+                  "backbone.cls_token", "head.mlp.0.weight", "head.last_layer.weight_v",
+                  "head.last_layer.weight_g"]  # the trained weight-norm gain decays (official DINO / DINOv2 groups)
     for name in must_no_decay:
         assert id(named[name]) in no_decay, name
     for name in must_decay:
@@ -211,6 +211,38 @@ def test_clip_global():
     before = [p.grad.clone() for p in ps]
     clip_gradients(ps, 5.0, "global")
     assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))
+
+
+def test_clip_per_module_clips_each_group_to_max_norm():
+    # three "sub-modules" with joint gradient norms 5 (two params 3, 4), 0.5 and 13 (5, 12)
+    groups = [_params_with_grads([3.0, 4.0]), _params_with_grads([0.5]), _params_with_grads([5.0, 12.0])]
+    ps = [p for g in groups for p in g]
+    before = [p.grad.clone() for p in ps]
+    total = clip_gradients(ps, 3.0, "per_module", groups)
+    assert total == pytest.approx(math.sqrt(25 + 0.25 + 169), rel=1e-5)
+    joint = [math.sqrt(sum(_norm(p.grad) ** 2 for p in g)) for g in groups]
+    assert joint == pytest.approx([3.0, 0.5, 3.0], abs=1e-4)  # each group to 3 (or untouched below it)
+    coefs = [3.0 / 5.0, 1.0, 3.0 / 13.0]
+    i = 0
+    for g, c in zip(groups, coefs):
+        for p in g:  # a group keeps its direction: every parameter scaled by the group's coefficient
+            assert torch.allclose(p.grad, before[i] * c, atol=1e-6)
+            i += 1
+    with pytest.raises(ValueError, match="per_module"):
+        clip_gradients(ps, 3.0, "per_module")
+    with pytest.raises(ValueError, match="clip mode"):
+        clip_gradients(ps, 3.0, "nope")
+
+
+def test_dinov2_clip_groups_are_backbone_dino_head_ibot_head():
+    from fovea.methods.dino import DINO
+    cfg = load_config("dinov2_vittiny_cifar10", ["dino.out_dim=32", "dino.hidden_dim=16", "dino.bottleneck_dim=8",
+                                                 "ibot.out_dim=32", "ibot.hidden_dim=16", "ibot.bottleneck_dim=8"])
+    assert cfg.optim.clip_mode == "per_module" and cfg.optim.clip_grad == 3.0
+    m = DINO(cfg)
+    groups = m.clip_groups()
+    want = [m.student.backbone, m.student.head, m.student.patch_head]
+    assert [{id(p) for p in g} for g in groups] == [{id(p) for p in w.parameters() if p.requires_grad} for w in want]
 
 
 def test_clip_off_returns_norm_and_leaves_grads():

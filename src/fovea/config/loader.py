@@ -211,7 +211,8 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
     need(cfg.optim.lr_scaling in ("linear256", "sqrt1024", "none"),
          f"optim.lr_scaling: {cfg.optim.lr_scaling!r} not one of linear256, sqrt1024, none")
-    need(cfg.optim.clip_mode in ("per_param", "global"), f"optim.clip_mode: {cfg.optim.clip_mode!r} not per_param/global")
+    need(cfg.optim.clip_mode in ("per_param", "global", "per_module"),
+         f"optim.clip_mode: {cfg.optim.clip_mode!r} not per_param/global/per_module")
     need(cfg.train.precision in ("auto", "fp32", "bf16"), f"train.precision: {cfg.train.precision!r} not auto/fp32/bf16")
     need(cfg.eval.knn.features in ("cls", "mean_patch", "both"),
          f"eval.knn.features: {cfg.eval.knn.features!r} not one of cls, mean_patch, both")

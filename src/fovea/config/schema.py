@@ -127,7 +127,7 @@ class OptimConfig:
     momentum_schedule: str = "cosine"  # teacher momentum schedule: cosine (DINO) | linear (I-JEPA)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     clip_grad: float = 3.0  # 0 = off
-    clip_mode: str = "per_param"  # per_param (DINO v1) | global
+    clip_mode: str = "per_param"  # per_param (DINO v1) | global | per_module (DINOv2/Franca: backbone, DINO head, iBOT head each to clip_grad)
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update during these first epochs
     epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
     layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)

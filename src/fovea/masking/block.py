@@ -53,8 +53,8 @@ class BlockMasker:
     """Masks for the global crops of one image: each crop is masked with probability ``prob``;
     a masked crop masks a fraction r ~ U(ratio_min, ratio_max) of its patches.
 
-    ``kind``: ``block`` (round(r * Np) patches as BEiT blocks), ``inverse_block`` (everything but one
-    visible rectangle, :func:`fovea.masking.cyclic.inverse_block_mask`) or ``cyclic`` (Franca's
+    ``kind``: ``block`` (round(r * Np) patches as BEiT blocks), ``inverse_block`` (round(r * Np) patches: everything
+    but one visible rectangle, :func:`fovea.masking.cyclic.inverse_block_mask`) or ``cyclic`` (Franca's
     CyclicMask: inverse block + roll). ``roll`` adds the uniform 2-D roll to the other kinds.
     """
 
@@ -71,7 +71,7 @@ class BlockMasker:
         if self.kind == "block":
             m = block_mask(self.grid, self.grid, int(round(r * self.grid * self.grid)), rng, self.min_block)
         else:
-            m = inverse_block_mask(self.grid, self.grid, r, rng, tuple(self.ratio))
+            m = inverse_block_mask(self.grid, self.grid, r, rng)
         return random_roll(m, rng) if self.roll else m
 
     def __call__(self, seed: int, n_crops: int = 2) -> np.ndarray:

@@ -54,6 +54,14 @@ class Method(nn.Module):
         """The backbone to evaluate/export (the teacher's, for self-distillation)."""
         raise NotImplementedError
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Trainable parameters of each sub-module of the student (``optim.clip_mode=per_module``):
+        one group per direct child (DINO family: backbone, DINO head, iBOT head; I-JEPA: encoder,
+        predictor), plus one of the student's own parameters when it has any."""
+        groups = [[p for p in m.parameters() if p.requires_grad] for m in self.student.children()]
+        own = [p for p in self.student.parameters(recurse=False) if p.requires_grad]
+        return [g for g in groups + [own] if g]
+
     def last_layer_params(self) -> list[nn.Parameter]:
         """Parameters frozen during the 'freeze last layer' phase."""
         return []

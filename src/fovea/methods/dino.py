@@ -138,9 +138,10 @@ class DINO(Method):
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
         self.teacher.eval()  # the teacher always stays in eval mode (no drop-path) ...
-        for m in self.teacher.head.modules():  # ... except head BatchNorm, which normalises with batch
-            if isinstance(m, nn.BatchNorm1d):   # statistics as in official DINO (running stats are not EMA'd)
-                m.train(mode)
+        heads = [self.teacher.head] + ([self.teacher.patch_head] if self.teacher.patch_head is not None else [])
+        for m in (m for h in heads for m in h.modules()):  # ... except the BatchNorm of both heads, which
+            if isinstance(m, nn.BatchNorm1d):               # normalises with batch statistics as in official
+                m.train(mode)                                # DINO (running stats are not EMA'd)
         return self
 
     def teacher_targets(self, logits: Tensor, loss_fn: DINOLoss, centering: str, temp: float,

@@ -137,6 +137,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.student, cfg.optim)
         self.params = [p for p in self.method.student.parameters() if p.requires_grad]
         self.frozen_ids = {id(p) for p in self.method.last_layer_params()}
+        self.clip_groups = self.method.clip_groups()
         if self.info.world > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 self.method.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -228,7 +229,7 @@ class Trainer:
             for p in self.params:
                 if id(p) in self.frozen_ids:
                     p.grad = None
-        gnorm = clip_gradients(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+        gnorm = clip_gradients(self.params, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode, self.clip_groups)
         self.optimizer.step()
         self.method.update_teacher(sv.momentum)
         out = {k: float(v) for k, v in logs.items()}

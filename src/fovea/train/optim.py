@@ -10,8 +10,11 @@ from fovea.config.schema import OptimConfig
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
-    """Biases, norm weights, LayerScale gammas and other 1-D parameters get no weight decay."""
-    return p.ndim <= 1 or name.endswith((".bias", ".gamma", "weight_g"))
+    """Biases, norm weights, LayerScale gammas and other 1-D parameters get no weight decay.
+
+    The prototypes' weight-norm gain ``weight_g`` [K, 1] is decayed like other weights (as in the
+    official DINO and DINOv2 parameter groups)."""
+    return p.ndim <= 1 or name.endswith((".bias", ".gamma"))
 
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -77,9 +80,18 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr
 
 
+CLIP_MODES = ("per_param", "global", "per_module")
+
+
 @torch.no_grad()
-def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str) -> float:
-    """Clip per parameter (DINO v1) or by the global norm. Returns the global norm before clipping."""
+def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str,
+                   modules: list[list[nn.Parameter]] | None = None) -> float:
+    """Clip gradients in place; returns the global norm of all ``params``' gradients before clipping.
+
+    ``per_param`` (DINO v1): each parameter's gradient norm to ``max_norm``. ``global``: the norm of all
+    gradients together. ``per_module`` (DINOv2 / Franca): the norm of each group in ``modules`` (the
+    backbone, the DINO head, the iBOT head) separately, like ``clip_grad_norm_`` per sub-module.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -88,10 +100,25 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str) -> fl
     if max_norm <= 0:
         return total
     if mode == "global":
-        coef = max_norm / (total + 1e-6)
-        if coef < 1:
-            torch._foreach_mul_(grads, coef)
-    else:
+        _clip_group(grads, max_norm)
+    elif mode == "per_module":
+        if modules is None:
+            raise ValueError("clip mode per_module needs the parameter groups of the sub-modules")
+        for group in modules:
+            _clip_group([p.grad for p in group if p.grad is not None], max_norm)
+    elif mode == "per_param":
         coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
         torch._foreach_mul_(grads, coefs)
+    else:
+        raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
     return total
+
+
+def _clip_group(grads: list[torch.Tensor], max_norm: float) -> None:
+    """Scale ``grads`` so that their joint norm is at most ``max_norm`` (coefficient max/(norm+1e-6))."""
+    if not grads:
+        return
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = max_norm / (float(norm) + 1e-6)
+    if coef < 1:
+        torch._foreach_mul_(grads, coef)
