@@ -275,12 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fovea`` console script."""
     args = build_parser().parse_args(argv)
+    from fovea.train.runfolder import RunFolderBusy
+    from fovea.train.signals import RunInterrupted
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"fovea: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except RunInterrupted as e:  # SIGTERM -> 143, SIGINT -> 130, after last.pt was written
+        print(f"fovea: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # Ctrl-C twice, or outside the training loop
+        print("fovea: interrupted", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:  # non-finite loss: a one-line report, the last checkpoint kept
+        print(f"fovea: error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, RunFolderBusy) as e:
         print(f"fovea: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from importlib import resources
@@ -213,6 +214,8 @@ def validate(cfg: RunConfig) -> None:
          f"optim.lr_scaling: {cfg.optim.lr_scaling!r} not one of linear256, sqrt1024, none")
     need(cfg.optim.clip_mode in ("per_param", "global", "per_module"),
          f"optim.clip_mode: {cfg.optim.clip_mode!r} not per_param/global/per_module")
+    need(re.match(r"^(auto|cpu|cuda|cuda:\d+)$", cfg.train.device) is not None,
+         f"train.device: {cfg.train.device!r} is not one of auto, cpu, cuda, cuda:N")
     need(cfg.train.precision in ("auto", "fp32", "bf16"), f"train.precision: {cfg.train.precision!r} not auto/fp32/bf16")
     need(cfg.eval.knn.features in ("cls", "mean_patch", "both"),
          f"eval.knn.features: {cfg.eval.knn.features!r} not one of cls, mean_patch, both")

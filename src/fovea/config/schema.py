@@ -170,6 +170,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch default
     progress: bool = True  # show progress bars
     resume: bool = True  # continue from <output_dir>/checkpoints/last.pt when it exists
+    resume_force: bool = False  # resume even when the checkpoint's config differs in keys that change the trajectory
 
 
 @dataclass

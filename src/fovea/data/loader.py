@@ -7,6 +7,8 @@ step ``s`` continues with exactly the batch it would have drawn.
 """
 from __future__ import annotations
 
+import signal
+
 from typing import Callable, Iterator
 
 import numpy as np
@@ -17,6 +19,14 @@ from fovea.data.augment import MultiCrop, eval_transform
 from fovea.data.sources import ImageSource, fetch_with_replacement
 from fovea.masking.block import BlockMasker
 
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Worker start-up: ignore SIGINT / SIGTERM. A Ctrl-C or a pre-emption signal sent to the whole
+    process group then reaches only the main process, which finishes its step and saves (the workers
+    end with it); a worker killed by the signal would otherwise abort the step with a loader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 31-bit seed that is a pure function of (seed, epoch, index)."""
@@ -112,10 +122,12 @@ def make_train_loader(ds: Dataset, batch_size: int, rank: int, world: int, seed:
     sampler = EpochBatchSampler(len(ds), batch_size, rank, world, seed, epoch, start_step)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
+                      worker_init_fn=ignore_stop_signals if num_workers else None,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
 def make_eval_loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:
     """Sequential loader over an evaluation source."""
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_eval,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=ignore_stop_signals if num_workers else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fovea.models.vit import ViTConfig, VisionTransformer
-from fovea.train.checkpoint import load_checkpoint
+from fovea.train.checkpoint import load_checkpoint, public_mode
 
 
 def export_backbone(backbone: VisionTransformer, out_dir: str | Path, extra: dict | None = None) -> Path:
@@ -20,6 +21,7 @@ def export_backbone(backbone: VisionTransformer, out_dir: str | Path, extra: dic
     path = out / "backbone.safetensors"
     tmp = out / ".backbone.safetensors.tmp"
     save_file(state, str(tmp))
+    os.chmod(tmp, public_mode())  # group/other-readable like every other output (umask permitting)
     tmp.replace(path)
     meta = {"model": dataclasses.asdict(backbone.cfg), **(extra or {})}
     (out / "backbone.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))

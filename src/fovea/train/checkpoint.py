@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +19,53 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, public_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose unpickling would import or call arbitrary code: refused, nothing executed."""
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (tensors and plain containers only)."""
+    """Load a checkpoint safely: ``weights_only=True`` (tensors and plain containers only).
+
+    Raises :class:`UnsafeCheckpointError` (one line, naming the file and the refused global) for a
+    file that would execute code on load, :class:`CheckpointError` for a truncated or damaged one.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            m = _GLOBAL.search(msg)
+            what = f"it imports {m.group(1)}" if m else "it holds objects other than tensors and plain containers"
+            raise UnsafeCheckpointError(f"refused to load {path}: {what}, which would run code on load "
+                                        "(only weights-only checkpoints are read)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {msg.splitlines()[0] if msg else type(e).__name__}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        first = (str(e).splitlines()[0].split(". ")[0] if str(e) else "") or type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or damaged?): {first}") from None
+
+
+def public_mode() -> int:
+    """The mode of an ordinary new file under the current umask (0644 with the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def rng_state() -> dict[str, Any]:

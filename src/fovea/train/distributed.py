@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,17 +23,36 @@ class DistInfo:
         return self.rank == 0
 
 
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N"
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def check_device(device_pref: str) -> None:
+    """``ValueError`` naming ``train.device`` for a value other than auto | cpu | cuda | cuda:N, or for a
+    CUDA device this machine does not have (instead of silently training on the CPU)."""
+    if not _DEVICE.match(device_pref):
+        raise ValueError(f"train.device: {device_pref!r} is not one of {DEVICE_FORMS}")
+    if device_pref.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise ValueError(f"train.device={device_pref}: no CUDA GPU is visible (torch {torch.__version__}, "
+                             f"{build}); use train.device=cpu or auto")
+        if ":" in device_pref and int(device_pref.split(":")[1]) >= n:
+            raise ValueError(f"train.device={device_pref}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+
+
 def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]:
     """Initialise a process group only when launched by torchrun with WORLD_SIZE > 1.
 
     Backend: NCCL on CUDA, gloo on CPU. Returns the rank info and this process's device.
+    ``device_pref`` is auto | cpu | cuda | cuda:N (checked by :func:`check_device`).
     """
+    check_device(device_pref)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={device_pref!r} but CUDA is not available")
     if use_cuda:
         idx = local if device_pref in ("auto", "cuda") else int(device_pref.split(":")[1])
         torch.cuda.set_device(idx)
@@ -51,6 +72,48 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / info.world for k, v in zip(keys, t)}
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is true on any rank (the flag itself on one process)."""
+    if info.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+T = TypeVar("T")
+
+
+class RankError(ValueError):
+    """Raised on the other ranks when the main rank's decision failed (same message)."""
+
+
+def main_decides(info: DistInfo, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the main rank and hand its result (or its failure) to every rank.
+
+    On one process this is ``fn()``. Under torchrun the other ranks receive the result by broadcast;
+    when ``fn`` raises on the main rank, the exception propagates there and the other ranks raise
+    :class:`RankError` with the same message, instead of waiting forever at the next collective.
+    """
+    if info.world == 1:
+        return fn()
+    box: list = [None]
+    err: BaseException | None = None
+    if info.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below after the others are told
+            err = e
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
+    status, value = box[0]
+    if status != "ok":
+        raise RankError(f"rank {info.rank}: the main rank failed: {value}")
+    return value
 
 
 def barrier(info: DistInfo) -> None:

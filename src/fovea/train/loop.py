@@ -19,6 +19,7 @@ from tqdm import tqdm
 from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
 from fovea.data.loader import EpochBatchSampler, make_train_loader
+from fovea.data.base import ImageSource
 from fovea.data.sources import build_source, probe_source
 from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
@@ -26,10 +27,20 @@ from fovea.methods.base import Method, StepValues
 from fovea.methods.registry import build_method, build_train_data
 from fovea.methods.registry import multicrop_dataset as make_dataset  # noqa: F401 - used by tests and benchmarks
 from fovea.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from fovea.train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
+from fovea.train.distributed import all_reduce_mean, any_rank, barrier, cleanup, init_distributed, main_decides
 from fovea.train.logging import MetricLogger
 from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients, scaled_lr
+from fovea.train.runfolder import RunLock, load_resume_checkpoint, trajectory_diff
 from fovea.train.schedules import cosine_schedule, linear_warmup_constant
+from fovea.train.signals import RunInterrupted, StopRequest
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint was trained with a config whose trajectory keys differ from the new one."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or infinite; nothing of that step was applied or saved."""
 
 
 @dataclass
@@ -111,6 +122,45 @@ def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
         freeze_last_layer=step < plan.freeze_last_layer_steps)
 
 
+def evaluates(cfg: RunConfig) -> bool:
+    """True when the run will compute k-NN (start, periodic, end) or run ``eval.final`` protocols."""
+    e = cfg.eval
+    return bool(e.at_start or e.at_end or e.every_epochs > 0 or e.final)
+
+
+def open_run_sources(cfg: RunConfig) -> dict[str, ImageSource]:
+    """Open and probe every data source the run will read, before any training.
+
+    ``data.train`` always; ``data.eval_train`` / ``data.eval_test`` when they are set and the run
+    evaluates (both are then required, labelled). A bad path, kind or unreadable source raises
+    ``ValueError`` naming the config key, e.g. ``data.eval_test: ... does not exist``.
+    """
+    want = [("data.train", cfg.data.train)]
+    pair = [("data.eval_train", cfg.data.eval_train), ("data.eval_test", cfg.data.eval_test)]
+    if evaluates(cfg):
+        given = [k for k, v in pair if v is not None]
+        if cfg.eval.final and len(given) < 2:
+            missing = [k for k, v in pair if v is None]
+            raise ValueError(f"eval.final={cfg.eval.final} needs labelled splits: set {' and '.join(missing)}")
+        if len(given) == 1:
+            missing = next(k for k, v in pair if v is None)
+            raise ValueError(f"{given[0]} is set but {missing} is not: k-NN needs both (set {missing}, or "
+                             f"{given[0]}=null to train without evaluation)")
+        want += [(k, v) for k, v in pair if v is not None]
+    out: dict[str, ImageSource] = {}
+    for key, sc in want:
+        try:
+            src = build_source(sc)
+            probe_source(src)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{key}: {e}") from None
+        if key != "data.train" and not (src.labels >= 0).any():
+            raise ValueError(f"{key}: {src.name} has no labels (k-NN needs labelled images: class sub-folders, "
+                             "a label column, or a labelled data set)")
+        out[key] = src
+    return out
+
+
 class Trainer:
     """Holds the state of one run; :meth:`fit` trains to the end and returns the results dict."""
 
@@ -118,15 +168,43 @@ class Trainer:
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.info, self.device = init_distributed(cfg.train.device)
-        self.source = build_source(cfg.data.train)
-        probe_source(self.source)
+        self.sources = open_run_sources(cfg)  # every source probed before any work (errors name the key)
+        self.source = self.sources["data.train"]
         self.cfg = cfg = resolve_auto(cfg, len(self.source), self.info.world)
         self.out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
         self.ckpt_dir = self.out / "checkpoints"
-        if self.info.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_yaml(cfg))
-        barrier(self.info)
+        self.lock = RunLock(self.out)
+        self.stop = StopRequest().install()  # from here SIGTERM / SIGINT only ask the run to stop
+        self.saved_step = -1  # step of the newest checkpoint written or resumed from
+        try:
+            resume_path = main_decides(self.info, self._claim_folder)
+            self._build(resume_path)
+        except BaseException:
+            self.stop.restore()
+            self.lock.release()
+            raise
+
+    def _claim_folder(self) -> str | None:
+        """Main rank: lock the run folder, pick the checkpoint to resume from and check its config against
+        the new one, and only then write config.yaml. Returns the checkpoint path (None: fresh start)."""
+        self.lock.acquire()
+        ckpt, path = load_resume_checkpoint(self.ckpt_dir) if self.cfg.train.resume else (None, None)
+        if ckpt is not None:
+            diff = trajectory_diff(ckpt.get("config", {}), to_dict(self.cfg), ckpt.get("world"), self.info.world)
+            if diff and not self.cfg.train.resume_force:
+                raise ResumeMismatch(
+                    f"{path} was trained with a different config; these keys change the trajectory: "
+                    + "; ".join(diff) + ". Use the original values, train.resume_force=true to continue anyway, "
+                    "train.resume=false to start over, or another output_dir")
+            if diff:
+                print("[fovea] warning: resuming with a different config (train.resume_force=true): "
+                      + "; ".join(diff), flush=True)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
+        return None if path is None else str(path)
+
+    def _build(self, resume_path: str | None) -> None:
+        cfg = self.cfg
         self.dataset, self.collate = build_train_data(cfg, self.source)
         self.plan = make_plan(cfg, len(self.source), self.info.world)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -148,28 +226,27 @@ class Trainer:
         self.logger = MetricLogger(self.out, enabled=self.info.is_main)
         self.results: dict = {"knn": {}}
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # per-rank stream for drop-path etc.
-        self._maybe_resume()
+        if resume_path is not None:
+            self._resume(Path(resume_path))
 
     # ----------------------------------------------------------------- checkpoints
-    def _maybe_resume(self) -> None:
-        last = self.ckpt_dir / "last.pt"
-        if not (self.cfg.train.resume and last.exists()):
-            return
-        ckpt = load_checkpoint(last)
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step = int(ckpt["step"])
+        self.step = self.saved_step = int(ckpt["step"])
         self.skipped = int(ckpt.get("skipped", 0))
         self.results = ckpt.get("results", self.results)
         rngs = ckpt["rng"]
         set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
         self.logger.truncate_after(self.step)
         if self.info.is_main:
-            print(f"[fovea] resumed from {last} at step {self.step}/{self.plan.total_steps}", flush=True)
+            print(f"[fovea] resumed from {path} at step {self.step}/{self.plan.total_steps}", flush=True)
 
     def save(self, final: bool = False) -> None:
         """Atomically write ``last.pt`` (and a step copy) with everything needed to resume exactly."""
         rng = [rng_state()]
+        self.saved_step = self.step
         if self.info.world > 1:
             gathered: list = [None] * self.info.world
             torch.distributed.all_gather_object(gathered, rng[0])
@@ -178,8 +255,9 @@ class Trainer:
             return
         state = {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "rng": rng, "skipped": self.skipped, "results": self.results,
-                 "config": to_dict(self.cfg)}
+                 "config": to_dict(self.cfg), "world": self.info.world}
         save_atomic(state, self.ckpt_dir / "last.pt")
+        self.saved_step = self.step
         if self.cfg.train.keep_checkpoints > 0 and not final:
             save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
             olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.train.keep_checkpoints]
@@ -196,8 +274,8 @@ class Trainer:
         if self.info.is_main:
             t0 = time.time()
             kinds = list(dict.fromkeys([c.eval.knn.features, *c.eval.knn.report]))
-            res = evaluate_knn(self.method.eval_backbone(), build_source(c.data.eval_train),
-                               build_source(c.data.eval_test), c.eval.knn.ks, c.eval.knn.temperature, kinds,
+            res = evaluate_knn(self.method.eval_backbone(), self.sources["data.eval_train"],
+                               self.sources["data.eval_test"], c.eval.knn.ks, c.eval.knn.temperature, kinds,
                                c.data.eval_size or c.crops.global_size, self.device, c.eval.batch_size,
                                min(c.data.num_workers, 2), c.crops.mean, c.crops.std, c.train.progress,
                                c.eval.knn.widths)
@@ -220,9 +298,7 @@ class Trainer:
         batch = {k: to_device(v, self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, logs = self.method.training_step(batch, sv)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}; "
-                                     "lower optim.lr, raise dino.teacher_temp or use train.precision=fp32")
+        self._check_finite(loss, logs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sv.freeze_last_layer:
@@ -237,7 +313,46 @@ class Trainer:
                     "teacher_temp": sv.teacher_temp})
         return out
 
+    def _check_finite(self, loss: torch.Tensor, logs: dict) -> None:
+        """Raise :class:`NonFiniteLoss` naming the step and every non-finite loss term (on every rank when
+        any rank has one, so no rank waits in the backward's all-reduce); nothing is applied or saved."""
+        terms = {k: v for k, v in logs.items() if k.startswith("loss/") and isinstance(v, torch.Tensor)}
+        vals = torch.stack([loss.detach().float().reshape(())] + [v.detach().float().reshape(()) for v in terms.values()])
+        bad = not bool(torch.isfinite(vals).all())
+        if not any_rank(bad, self.info):
+            return
+        named = [f"{k}={float(v):g}" for k, v in terms.items() if not torch.isfinite(v).all()]
+        if len(named) > 1:  # the total follows from its terms
+            named = [n for n in named if not n.startswith("loss/total=")]
+        what = ", ".join(named) if named else (f"total loss={float(loss):g}" if bad else "on another rank")
+        last = (f"the last good checkpoint {self.ckpt_dir / 'last.pt'} (step {self.saved_step}) is untouched"
+                if self.saved_step >= 0 else "no checkpoint was written yet")
+        raise NonFiniteLoss(f"non-finite loss at step {self.step + 1}/{self.plan.total_steps}: {what}; "
+                            f"nothing of this step was applied and {last}. Lower optim.lr, raise "
+                            "dino.teacher_temp, or use train.precision=fp32")
+
     def fit(self) -> dict:
+        """Train to ``plan.total_steps`` (resuming if a checkpoint exists); returns the results.
+
+        SIGTERM / SIGINT stop after the current step with ``last.pt`` written (:class:`RunInterrupted`);
+        the lock on the run folder is released however the run ends."""
+        try:
+            return self._fit()
+        finally:
+            self.stop.restore()
+            self.logger.close()
+            self.lock.release()
+
+    def _stop_requested(self) -> int:
+        """The signal that asked this run to stop (0: none), agreed over ranks."""
+        sig = self.stop.signum
+        if self.info.world > 1:
+            t = torch.tensor([sig], dtype=torch.int64)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            sig = int(t)
+        return sig
+
+    def _fit(self) -> dict:
         """Train to ``plan.total_steps`` (resuming if a checkpoint exists); returns the results."""
         c, plan = self.cfg, self.plan
         if self.info.is_main:
@@ -245,7 +360,7 @@ class Trainer:
                   f"({len(self.source)} images), {plan.steps_per_epoch} steps/epoch x "
                   f"{plan.total_steps / plan.steps_per_epoch:.2f} epochs = {plan.total_steps} steps, global batch "
                   f"{c.data.batch_size * self.info.world}, device {self.device}, ranks {self.info.world}", flush=True)
-        if self.step == 0 and c.eval.at_start and "start" not in self.results["knn"]:
+        if self.step == 0 and c.eval.at_start and "start" not in self.results["knn"] and not self.stop.signum:
             self.knn("start")
         self.method.train()
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
@@ -258,7 +373,8 @@ class Trainer:
             loader = make_train_loader(dataset, c.data.batch_size, self.info.rank, self.info.world,
                                        c.train.seed, epoch, pos, c.data.num_workers,
                                        pin_memory=self.device.type == "cuda", collate_fn=self.collate)
-            for batch in loader:
+            stopped = self._stop_requested()
+            for batch in ([] if stopped else loader):
                 self.skipped += int(batch["skipped"])
                 sv = step_values(c, plan, self.step)
                 logs = self.train_step(batch, sv)
@@ -281,14 +397,19 @@ class Trainer:
                 if plan.eval_every and self.step % plan.eval_every == 0 and self.step < plan.total_steps:
                     self.knn(f"step{self.step}")
                     self.method.train()
-                if self.step >= plan.total_steps or in_highres(c, plan, self.step) != highres:
-                    break  # end, or the high-res phase starts: a new loader with the new crop sizes
+                stopped = self._stop_requested()
+                if stopped or self.step >= plan.total_steps or in_highres(c, plan, self.step) != highres:
+                    break  # stop request, end, or the high-res phase starts (a new loader, new crop sizes)
+            if stopped:
+                bar.close()
+                if self.saved_step != self.step:
+                    self.save()
+                raise RunInterrupted(stopped, self.step, str(self.ckpt_dir / "last.pt"))
         bar.close()
         train_minutes = (time.time() - t_start) / 60
-        if c.eval.at_end:
-            self.knn("end")
         self.results.update({"steps": self.step, "skipped_images": self.skipped,
                              "train_minutes_this_session": round(train_minutes, 2)})
+        # the trained model is on disk before any final evaluation, which then cannot lose it
         self.save(final=True)
         if self.info.is_main:
             bb = self.method.eval_backbone()
@@ -296,6 +417,10 @@ class Trainer:
                             extra={"crops": {"mean": c.crops.mean, "std": c.crops.std,
                                              "global_size": c.crops.global_size}, "source_run": str(self.out),
                                    "eval_features": "cls" if bb.cls_token is not None else "mean_patch"})
+        self.stop.restore()  # from here on a signal stops at once: nothing of the training is left unsaved
+        if c.eval.at_end:
+            self.knn("end")
+        if self.info.is_main:
             (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
             self._summary(train_minutes)
         self.logger.close()

@@ -1,0 +1,158 @@
+"""The run folder's guards: one run at a time (a lock file), which checkpoint to resume from, and
+whether a checkpoint's config allows resuming with the new one."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from fovea.train.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
+
+LOCK_NAME = "run.lock"
+
+
+def warn(msg: str) -> None:
+    """One ``[fovea] warning: ...`` line on stderr."""
+    print(f"[fovea] warning: {msg}", file=sys.stderr, flush=True)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live run holds the output folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """``RUN/run.lock`` holding {pid, host, start} of the run that owns the folder.
+
+    :meth:`acquire` creates it atomically (``O_EXCL``). A lock of a live process on this host, or of
+    any process on another host (its liveness cannot be checked from here), refuses the new run with
+    :class:`RunFolderBusy`; a lock whose process is dead is taken over with a warning.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.held = False
+
+    def read(self) -> dict[str, Any] | None:
+        """The lock's contents (None when absent; {} when unreadable)."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "start": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self.read()
+                if other is None:
+                    continue  # released meanwhile: try again
+                pid, host = int(other.get("pid", -1) or -1), str(other.get("host", ""))
+                if other and pid > 0 and (host != me["host"] or _alive(pid)) and pid != me["pid"]:
+                    where = "on this host" if host == me["host"] else f"on host {host!r}"
+                    raise RunFolderBusy(
+                        f"output folder {self.path.parent} is in use by another run (pid {pid} {where}, started "
+                        f"{other.get('start', '?')}; lock file {self.path}). Wait for it to finish, stop it, or "
+                        f"choose another output_dir=...; if that run is dead, delete the lock file.")
+                warn(f"taking over the lock {self.path} left by a process that is no longer running "
+                     f"({other or 'unreadable lock file'})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunFolderBusy(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            other = self.read()
+            if other is not None and other.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """``step_*.pt`` files of a run, newest (highest step) first."""
+    return sorted(ckpt_dir.glob("step_*.pt"), reverse=True)
+
+
+def load_resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint: ``last.pt``, else the newest readable ``step_*.pt`` (with a warning
+    naming both files). Returns (None, None) when the run has no checkpoint yet.
+
+    A truncated or damaged file is skipped; one that would execute code on load is refused at once
+    (:class:`UnsafeCheckpointError`); when files exist but none is readable, :class:`CheckpointError`.
+    """
+    last = ckpt_dir / "last.pt"
+    cands = ([last] if last.exists() else []) + step_checkpoints(ckpt_dir)
+    if not cands:
+        return None, None
+    bad: list[str] = []
+    for path in cands:
+        try:
+            ckpt = load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            bad.append(str(path))
+            warn(str(e))
+            continue
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+            bad.append(str(path))
+            warn(f"{path} is not a fovea training checkpoint")
+            continue
+        if bad:
+            warn(f"{bad[0]} is unreadable: resuming from {path} (step {int(ckpt['step'])}) instead")
+        return ckpt, path
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir} (tried {', '.join(bad)}); delete them or "
+                          "start over with train.resume=false")
+
+
+#: config keys (prefixes) that do not change the training trajectory: they may differ on resume
+FREE_KEYS = ("name", "description", "output_dir", "eval.", "data.eval_train", "data.eval_test", "data.eval_size",
+             "data.num_workers", "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
+             "train.keep_checkpoints", "train.resume", "train.resume_force", "train.threads", "train.device")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf}."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out if d or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def trajectory_diff(old: dict, new: dict, old_world: int | None = None, new_world: int = 1) -> list[str]:
+    """Lines ``key: old -> new`` for every key that changes the trajectory (all but :data:`FREE_KEYS`),
+    plus the world size when both are known."""
+    a, b = flatten(old), flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(FREE_KEYS) or (key in a and key in b and a[key] == b[key]):
+            continue
+        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    if old_world is not None and old_world != new_world:
+        out.append(f"world size (ranks): {old_world} -> {new_world}")
+    return out
