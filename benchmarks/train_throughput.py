@@ -41,6 +41,7 @@ from fovea.config.loader import load_config
 from fovea.config.schema import RunConfig
 from fovea.methods.dino import build_method
 from fovea.models.vit import ARCHS
+from fovea.train.distributed import DistInfo
 from fovea.train.loop import Trainer, make_plan, resolve_auto, step_values
 from fovea.train.optim import build_optimizer
 
@@ -303,6 +304,8 @@ def make_stepper(cfg: RunConfig, device: torch.device) -> Trainer:
     t.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     t.step = 0
     t.skipped = 0
+    t.info = DistInfo()  # one process: the finiteness check needs no collective
+    t.saved_step = -1
     torch.manual_seed(cfg.train.seed + 1)
     t.method.train()
     return t
