@@ -118,9 +118,9 @@ def soak(sig_name: str, kills: int, steps: int, workers: int, root: Path, data: 
     _, t_idle, _ = run(command(data, ref, steps, workers))  # a finished run again: start-up + export only
     events = []
     for i in range(kills):
-        # a moment within start-up plus at most a tenth of the run's steps: every kill can land in
+        # a moment within start-up plus at most a twentieth of the run's steps: every kill can land in
         # start-up, a step, a checkpoint write, and the run is still unfinished after all the kills
-        left = min(max(steps - max(checkpoint_step(got), 0), 1), max(steps // 10, 1))
+        left = min(max(steps - max(checkpoint_step(got), 0), 1), max(steps // 20, 1))
         delay = rnd.uniform(0, t_idle + (t_ref - t_idle) * left / steps)
         before = checkpoint_step(got)
         code, secs, err = run(command(data, got, steps, workers), kill_after=delay, sig=sig)
