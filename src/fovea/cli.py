@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fovea: config error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:  # SIGTERM -> 143, SIGINT -> 130, after last.pt was written
-        print(f"fovea: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fovea: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:  # Ctrl-C twice, or outside the training loop
         print("fovea: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 with 143 / 130 (128 + the signal number), so pre-empted or interrupted runs resume exactly."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -39,8 +40,9 @@ class StopRequest:
             raise KeyboardInterrupt
         if not self.signum:
             self.signum = signum
-            print(f"\n[fovea] {signal.Signals(signum).name} received: finishing this step, then writing "
-                  "checkpoints/last.pt (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # one message for all the ranks of a torchrun job
+                print(f"\n[fovea] {signal.Signals(signum).name} received: finishing this step, then writing "
+                      "checkpoints/last.pt (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
