@@ -55,6 +55,8 @@ class ViTConfig:
     patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
     cls_token: bool = True  # prepend a CLS token (false for I-JEPA: evaluation then uses the mean patch token)
     pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter)
+    interpolate_offset: float = 0.0  # learned positions at another grid: 0 = bicubic to the exact size; > 0 = scale factor (n + offset) / N (DINO v1, DINOv2 without registers: 0.1)
+    interpolate_antialias: bool = False  # antialias in that bicubic resize (DINOv2 models with registers: true)
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
@@ -289,7 +291,10 @@ class VisionTransformer(nn.Module):
     def interpolate_pos_encoding(self, h_patches: int, w_patches: int) -> Tensor:
         """Positional embedding [1, C+h*w, D] (C = 1 with CLS, else 0) for an h x w patch grid.
 
-        Learned: bicubic interpolation (identity at the stored grid); sincos: recomputed for h x w.
+        Learned: bicubic interpolation of the stored N x N table (identity at the stored grid), to the
+        exact size, or with ``scale_factor = ((h + offset) / N, (w + offset) / N)`` when
+        ``model.interpolate_offset`` > 0 (the DINO v1 / DINOv2 rule), antialiased when
+        ``model.interpolate_antialias``; sincos: recomputed for h x w.
         """
         c = self.n_cls
         g = int(math.isqrt(self.pos_embed.shape[1] - c))
@@ -301,7 +306,13 @@ class VisionTransformer(nn.Module):
             return torch.cat([cls_pos, patch_pos], dim=1)
         patch_pos = self.pos_embed[:, c:]
         patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-        patch_pos = F.interpolate(patch_pos, size=(h_patches, w_patches), mode="bicubic", align_corners=False)
+        off = self.cfg.interpolate_offset
+        size = {"scale_factor": ((h_patches + off) / g, (w_patches + off) / g)} if off else {"size": (h_patches, w_patches)}
+        patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False,
+                                  antialias=self.cfg.interpolate_antialias, **size)
+        if patch_pos.shape[-2:] != (h_patches, w_patches):
+            raise ValueError(f"position interpolation gave a {tuple(patch_pos.shape[-2:])} grid for "
+                             f"{h_patches} x {w_patches} patches (model.interpolate_offset={off})")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, -1)
         return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)
 
