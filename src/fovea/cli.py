@@ -166,6 +166,24 @@ def cmd_rasa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from fovea.hub.released import read_released, write_imported
+    imp = read_released(args.file, args.source, args.arch, args.num_heads, args.which)
+    out = write_imported(imp, args.file, args.out, args.size)
+    c = imp.cfg
+    print(f"[fovea] {imp.layout} ({imp.source}): ViT D={c.embed_dim}, depth {c.depth}, {c.num_heads} heads, "
+          f"patch {c.patch_size}, positions stored at {c.img_size} px ({c.img_size // c.patch_size}^2), "
+          f"{c.num_register_tokens} registers, FFN {c.ffn}, LayerScale {'yes' if c.layerscale_init else 'no'}, "
+          f"resize offset {c.interpolate_offset} antialias {c.interpolate_antialias}")
+    for n in imp.notes:
+        print(f"[fovea]   {n}")
+    for h, s in imp.head_shapes.items():
+        print(f"[fovea]   {h}: {s['in_dim']} -> {s['hidden_dim']} -> {s['bottleneck_dim']} -> {s['out_dim']} prototypes")
+    print(f"[fovea] wrote {out / 'backbone.safetensors'}, {out / 'backbone.yaml'}"
+          + (f", {out / 'heads.safetensors'}" if (out / "heads.safetensors").exists() else ""))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         tree = load_tree(name)
@@ -259,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_backbone_options(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_rasa)
+
+    im = sub.add_parser("import", help="import a released DINOv2 / Franca / DINO checkpoint",
+                        description="Read a released checkpoint (DINOv2 hub backbones with or without registers "
+                        "and SwiGLU ViT-g, DINOv2 training teacher checkpoints with their DINO/iBOT heads, Franca "
+                        "releases, DINO v1 backbones and full checkpoints) and write an ordinary fovea backbone "
+                        "folder (backbone.safetensors + backbone.yaml, heads.safetensors when the file has heads) "
+                        "that every fovea command reads like a run folder. Loading executes no code.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    im.add_argument("file", metavar="FILE", help="the released .pth / .pth.tar file")
+    im.add_argument("--from", dest="source", default="auto", choices=["auto", "dinov2", "franca", "dino"],
+                    help="the file's family (auto: detected from its keys)")
+    im.add_argument("--arch", default=None, help="fovea arch name (vit_small, vit_large, ...): gives the head count")
+    im.add_argument("--num-heads", type=int, default=None, help="attention heads (default: arch, else width / 64)")
+    im.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                    help="DINO v1 full checkpoints: which network to import")
+    im.add_argument("--size", type=int, default=224, help="default evaluation input size written to backbone.yaml")
+    im.add_argument("--out", required=True, help="output folder")
+    im.set_defaults(func=cmd_import)
 
     pr = sub.add_parser("presets", help="list the shipped presets", description="List presets, one line each.")
     pr.set_defaults(func=cmd_presets)

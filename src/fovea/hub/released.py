@@ -28,7 +28,7 @@ SOURCES = ("dinov2", "franca", "dino")
 HEAD_DIM = 64  # every released DINO / DINOv2 / DINOv3 / Franca size
 
 
-class ImportError_(ValueError):
+class ReleasedFileError(ValueError):
     """A released file that cannot be imported as asked (named keys, contradictions)."""
 
 
@@ -75,7 +75,7 @@ def unchunk(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
 def detect(obj: Any) -> str:
     """``dinov2`` | ``franca`` | ``dino`` from the top-level keys of a loaded file."""
     if not isinstance(obj, dict):
-        raise ImportError_(f"not a state dict or checkpoint dict (a {type(obj).__name__})")
+        raise ReleasedFileError(f"not a state dict or checkpoint dict (a {type(obj).__name__})")
     keys = set(obj)
     if {"student", "teacher", "args"} <= keys:
         return "dino"  # DINO v1 full checkpoint
@@ -84,12 +84,12 @@ def detect(obj: Any) -> str:
         heads = any(k.startswith(("dino_head.", "ibot_head.")) for k in sd)
         return "dinov2" if heads else "franca"  # the Franca release is "backbone only"
     if {"encoder", "predictor", "target_encoder"} <= keys:
-        raise ImportError_("an I-JEPA checkpoint: its reader is not implemented yet (see issue 14)")
+        raise ReleasedFileError("an I-JEPA checkpoint: its reader is not implemented yet (see issue 14)")
     if "storage_tokens" in keys or any(k.startswith("rope_embed.") for k in keys):
-        raise ImportError_("a DINOv3 backbone: its reader (RoPE, storage tokens) is not implemented yet")
+        raise ReleasedFileError("a DINOv3 backbone: its reader (RoPE, storage tokens) is not implemented yet")
     if "cls_token" in keys and "pos_embed" in keys:
         return "dinov2" if "mask_token" in keys else "dino"  # DINO v1 files have no mask token
-    raise ImportError_(f"unrecognised layout (top-level keys: {sorted(keys)[:8]})")
+    raise ReleasedFileError(f"unrecognised layout (top-level keys: {sorted(keys)[:8]})")
 
 
 def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: str | None = None,
@@ -105,25 +105,25 @@ def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: st
     n_pos = int(sd["pos_embed"].shape[1]) - 1
     grid = int(round(n_pos ** 0.5))
     if grid * grid != n_pos:
-        raise ImportError_(f"pos_embed has {n_pos} patch positions: not a square grid")
+        raise ReleasedFileError(f"pos_embed has {n_pos} patch positions: not a square grid")
     heads_from_arch = None
     if arch is not None:
         if arch not in ARCHS:
-            raise ImportError_(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
+            raise ReleasedFileError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
         if ARCHS[arch][0] != d:
-            raise ImportError_(f"--arch {arch} has width {ARCHS[arch][0]} but the file's width is {d}")
+            raise ReleasedFileError(f"--arch {arch} has width {ARCHS[arch][0]} but the file's width is {d}")
         heads_from_arch = ARCHS[arch][2]
     if num_heads and heads_from_arch and num_heads != heads_from_arch:
-        raise ImportError_(f"--num-heads {num_heads} contradicts --arch {arch} ({heads_from_arch} heads)")
+        raise ReleasedFileError(f"--num-heads {num_heads} contradicts --arch {arch} ({heads_from_arch} heads)")
     heads = num_heads or heads_from_arch or d // HEAD_DIM
     if heads <= 0 or d % heads:
-        raise ImportError_(f"width {d} is not divisible into {heads} heads; give --num-heads")
+        raise ReleasedFileError(f"width {d} is not divisible into {heads} heads; give --num-heads")
     swiglu = "blocks.0.mlp.w12.weight" in sd
     if swiglu:
         hidden = int(sd["blocks.0.mlp.w3.weight"].shape[1])
         ratio = 4.0
         if swiglu_hidden(d, ratio) != hidden:
-            raise ImportError_(f"SwiGLU hidden width {hidden} is not DINOv2's rule for width {d} "
+            raise ReleasedFileError(f"SwiGLU hidden width {hidden} is not DINOv2's rule for width {d} "
                                f"({swiglu_hidden(d, ratio)})")
     else:
         ratio = int(sd["blocks.0.mlp.fc1.weight"].shape[0]) / d
@@ -139,10 +139,10 @@ def head_shape(sd: dict[str, Tensor]) -> dict[str, int]:
     """in/hidden/bottleneck/prototypes/layers of a DINO head state dict (``mlp.<i>``, ``last_layer``)."""
     lins = sorted(int(k.split(".")[1]) for k in sd if k.startswith("mlp.") and k.endswith(".weight"))
     if not lins or "last_layer.weight_v" not in sd:
-        raise ImportError_(f"unrecognised head keys {sorted(sd)[:6]}")
+        raise ReleasedFileError(f"unrecognised head keys {sorted(sd)[:6]}")
     first, last = sd[f"mlp.{lins[0]}.weight"], sd[f"mlp.{lins[-1]}.weight"]
     if any(sd[f"mlp.{i}.weight"].ndim != 2 for i in lins) or any(i % 2 for i in lins):
-        raise ImportError_("heads with BatchNorm layers are not supported by the importer yet")
+        raise ReleasedFileError("heads with BatchNorm layers are not supported by the importer yet")
     return {"in_dim": int(first.shape[1]), "hidden_dim": int(first.shape[0]) if len(lins) > 1 else 0,
             "bottleneck_dim": int(last.shape[0]), "out_dim": int(sd["last_layer.weight_v"].shape[0]),
             "nlayers": len(lins)}
@@ -171,7 +171,7 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
     if source != "auto" and source != found:
         # the Franca and DINOv2 layouts are the same family: accept the user's label between those two
         if {source, found} != {"dinov2", "franca"}:
-            raise ImportError_(f"--from {source}: {path} looks like a {found} file")
+            raise ReleasedFileError(f"--from {source}: {path} looks like a {found} file")
         found = source
     notes: list[str] = []
     heads: dict[str, dict[str, Tensor]] = {}
@@ -190,17 +190,17 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
         known = {f"backbone.{k}" for k in bb} | set(bb) | {f"{h}.{k}" for h, hs in heads.items() for k in hs}
         unknown = sorted(set(sd) - known)
         if unknown:
-            raise ImportError_(f"unexpected keys in the teacher: {unknown[:10]}")
+            raise ReleasedFileError(f"unexpected keys in the teacher: {unknown[:10]}")
         layout = "DINOv2 training teacher checkpoint" if heads else "Franca release (teacher backbone)"
     elif found == "dino" and "student" in obj:
         if which not in ("teacher", "student"):
-            raise ImportError_(f"--which {which!r}: teacher or student")
+            raise ReleasedFileError(f"--which {which!r}: teacher or student")
         sd = obj[which]
         prefix = "module." if any(k.startswith("module.") for k in sd) else ""
         bb, hs = strip(sd, f"{prefix}backbone."), strip(sd, f"{prefix}head.")
         unknown = sorted(k for k in sd if not k.startswith((f"{prefix}backbone.", f"{prefix}head.")))
         if unknown:
-            raise ImportError_(f"unexpected keys in {which}: {unknown[:10]}")
+            raise ReleasedFileError(f"unexpected keys in {which}: {unknown[:10]}")
         if hs:
             heads["dino_head"] = hs
         center = obj.get("dino_loss", {}).get("center") if isinstance(obj.get("dino_loss"), dict) else None
@@ -221,3 +221,37 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
 
 def config_dict(cfg: ViTConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def write_imported(imp: Imported, src: str | Path, out_dir: str | Path, eval_size: int = 224) -> Path:
+    """Write an ordinary fovea backbone folder: ``backbone.safetensors`` + ``backbone.yaml`` (its config,
+    ImageNet normalisation, the import report) and ``heads.safetensors`` when the file has heads
+    (``dino_head.*``, ``ibot_head.*``, ``dino_center``). Returns the folder."""
+    from safetensors.torch import save_file
+
+    from fovea.hub.backbone import export_backbone
+    from fovea.models.vit import VisionTransformer
+    from fovea.train.checkpoint import public_mode
+
+    out = Path(out_dir)
+    model = VisionTransformer(imp.cfg)
+    missing, unexpected = model.load_state_dict(imp.backbone, strict=False)
+    if missing or unexpected:
+        raise ReleasedFileError(f"backbone keys do not match fovea's ViT: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    report = {"source": imp.source, "layout": imp.layout, "file": str(Path(src).resolve()), "notes": imp.notes,
+              "heads": imp.head_shapes}
+    export_backbone(model.eval(), out, extra={
+        "crops": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "global_size": eval_size},
+        "eval_features": "cls" if imp.cfg.cls_token else "mean_patch", "imported": report})
+    if imp.heads or imp.extra:
+        tensors = {f"{h}.{k}": v.contiguous() for h, sd in imp.heads.items() for k, v in sd.items()}
+        tensors.update({k: v.contiguous() for k, v in imp.extra.items()})
+        tmp = out / ".heads.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        import os
+        os.chmod(tmp, public_mode())
+        tmp.replace(out / "heads.safetensors")
+    return out
