@@ -41,12 +41,13 @@ def batch(n: int = 4, equalize: str = "pad") -> dict:
 # --------------------------------------------------------------------------- ViT options
 
 def test_sincos_hand_values() -> None:
-    pe = sincos_pos_embed_2d(8, 2, 3)  # dim 8: rows use channels 0-3, columns 4-7; freqs 1, 1/100
+    pe = sincos_pos_embed_2d(8, 2, 3)  # dim 8, released layout: columns use channels 0-3, rows 4-7; freqs 1, 1/100
     assert pe.shape == (6, 8)
     r, c = 1, 2  # patch (1, 2) = index 5
-    want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
-            math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
-    assert pe[5].tolist() == pytest.approx(want, abs=1e-6)
+    col = [math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+    row = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100)]
+    assert pe[5].tolist() == pytest.approx(col + row, abs=1e-6)
+    assert sincos_pos_embed_2d(8, 2, 3, "row_col")[5].tolist() == pytest.approx(row + col, abs=1e-6)
     assert pe[0].tolist() == pytest.approx([0, 0, 1, 1, 0, 0, 1, 1])
 
 

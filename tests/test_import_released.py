@@ -159,3 +159,50 @@ def test_fovea_import_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "fovea", "import", str(src), "--arch", "vit_large", "--out",
                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "width 1024 but the file's width is 128" in bad.stderr
+
+
+def test_ijepa_target_encoder_context_encoder_and_predictor(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fovea.hub.released import build_predictor
+    inputs, exp, _ = _load("ijepa_full")
+    path = WEIGHTS / "ijepa_full" / "IN1K-vit.h.14-300e.pth.tar"
+    x = inputs["img224"]
+    imp = read_released(path)  # the target encoder by default
+    assert (imp.cfg.num_heads, imp.cfg.cls_token, imp.cfg.pos_embed, imp.cfg.sincos_layout) == (2, False, "sincos",
+                                                                                               "col_row")
+    write_imported(imp, path, tmp_path / "t")
+    target, meta = load_backbone(tmp_path / "t")
+    enc = VisionTransformer(read_released(path, which="encoder").cfg).eval()
+    enc.load_state_dict(read_released(path, which="encoder").backbone)
+    pred = build_predictor(meta["imported"]["predictor"], target.cfg.sincos_layout).eval()
+    pred.load_state_dict(load_file(str(tmp_path / "t" / "predictor.safetensors")))
+    ctx_idx = exp["masks_enc"][0].long()  # [B, 127]
+    tgt = exp["masks_pred"].long()  # [M, B, 42]
+    m, b, nt = tgt.shape
+    with torch.no_grad():
+        checked = {"native_patch_target": _max(target.forward_features(x)["x_norm_patchtokens"],
+                                               exp["native_patch_target"]),
+                   "native_patch_encoder": _max(enc.forward_features(x)["x_norm_patchtokens"],
+                                                exp["native_patch_encoder"])}
+        ctx = enc.forward_features(x, keep=ctx_idx)["x_norm_patchtokens"]
+        checked["context_tokens"] = _max(ctx, exp["context_tokens"])
+        out = pred(ctx, ctx_idx, torch.ones_like(ctx_idx, dtype=torch.bool), tgt.transpose(0, 1),
+                   torch.ones(b, m, nt, dtype=torch.bool))  # rows b*M + m; the official rows are m*B + b
+        checked["predictor_out"] = _max(out.reshape(b, m, nt, -1).transpose(0, 1).reshape(m * b, nt, -1),
+                                        exp["predictor_out"])
+        full = torch.nn.functional.layer_norm(target.forward_features(x)["x_norm_patchtokens"], (target.embed_dim,))
+        tt = torch.stack([full[i, tgt[j, i]] for j in range(m) for i in range(b)])  # row m*B + b
+        checked["train_target"] = _max(tt, exp["train_target"])
+    assert max(checked.values()) < ATOL, checked
+    # the released sin-cos layout is column first: the row-first table is off by far more (fixtures' README: 2.4)
+    wrong = VisionTransformer(dataclasses_replace(target.cfg, sincos_layout="row_col")).eval()
+    state = {k: v for k, v in target.state_dict().items() if k != "pos_embed"}
+    wrong.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        assert _max(wrong.forward_features(x)["x_norm_patchtokens"], exp["native_patch_target"]) > 0.5
+
+
+def dataclasses_replace(cfg, **kw):  # noqa: ANN001, ANN201
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)

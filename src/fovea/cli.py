@@ -179,8 +179,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"[fovea]   {n}")
     for h, s in imp.head_shapes.items():
         print(f"[fovea]   {h}: {s['in_dim']} -> {s['hidden_dim']} -> {s['bottleneck_dim']} -> {s['out_dim']} prototypes")
+    extra = [f for f in ("heads.safetensors", "predictor.safetensors") if (out / f).exists()]
     print(f"[fovea] wrote {out / 'backbone.safetensors'}, {out / 'backbone.yaml'}"
-          + (f", {out / 'heads.safetensors'}" if (out / "heads.safetensors").exists() else ""))
+          + "".join(f", {out / f}" for f in extra))
     return 0
 
 
@@ -286,12 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "that every fovea command reads like a run folder. Loading executes no code.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     im.add_argument("file", metavar="FILE", help="the released .pth / .pth.tar file")
-    im.add_argument("--from", dest="source", default="auto", choices=["auto", "dinov2", "franca", "dino"],
+    im.add_argument("--from", dest="source", default="auto", choices=["auto", "dinov2", "franca", "dino", "ijepa"],
                     help="the file's family (auto: detected from its keys)")
     im.add_argument("--arch", default=None, help="fovea arch name (vit_small, vit_large, ...): gives the head count")
     im.add_argument("--num-heads", type=int, default=None, help="attention heads (default: arch, else width / 64)")
-    im.add_argument("--which", default="teacher", choices=["teacher", "student"],
-                    help="DINO v1 full checkpoints: which network to import")
+    im.add_argument("--which", default="teacher", choices=["teacher", "student", "target_encoder", "encoder"],
+                    help="DINO v1 full checkpoints: teacher or student; I-JEPA: target_encoder (= teacher) or encoder")
     im.add_argument("--size", type=int, default=224, help="default evaluation input size written to backbone.yaml")
     im.add_argument("--out", required=True, help="output folder")
     im.set_defaults(func=cmd_import)

@@ -30,6 +30,9 @@ def export_backbone(backbone: VisionTransformer, out_dir: str | Path, extra: dic
 
 def _vit_from_dict(d: dict) -> VisionTransformer:
     names = {f.name for f in dataclasses.fields(ViTConfig)}
+    d = dict(d)
+    if d.get("pos_embed") == "sincos" and "sincos_layout" not in d:
+        d["sincos_layout"] = "row_col"  # written before the layout was recorded: rows were first then
     return VisionTransformer(ViTConfig(**{k: v for k, v in d.items() if k in names}))
 
 

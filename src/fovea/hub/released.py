@@ -24,8 +24,8 @@ from torch import Tensor
 from fovea.models.vit import ARCHS, ViTConfig, swiglu_hidden
 from fovea.train.checkpoint import load_checkpoint
 
-SOURCES = ("dinov2", "franca", "dino")
-HEAD_DIM = 64  # every released DINO / DINOv2 / DINOv3 / Franca size
+SOURCES = ("dinov2", "franca", "dino", "ijepa")
+HEAD_DIM = {"dinov2": 64, "franca": 64, "dino": 64, "dinov3": 64, "ijepa": 80}  # released head widths (I-JEPA ViT-H: 80)
 
 
 class ReleasedFileError(ValueError):
@@ -43,6 +43,8 @@ class Imported:
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # name -> DINOHead state dict
     head_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. the DINO v1 centre
+    predictor: dict[str, Tensor] = field(default_factory=dict)  # I-JEPA predictor (fovea Predictor names)
+    predictor_shape: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was not imported, or filled in, by name
 
 
@@ -84,7 +86,7 @@ def detect(obj: Any) -> str:
         heads = any(k.startswith(("dino_head.", "ibot_head.")) for k in sd)
         return "dinov2" if heads else "franca"  # the Franca release is "backbone only"
     if {"encoder", "predictor", "target_encoder"} <= keys:
-        raise ReleasedFileError("an I-JEPA checkpoint: its reader is not implemented yet (see issue 14)")
+        return "ijepa"
     if "storage_tokens" in keys or any(k.startswith("rope_embed.") for k in keys):
         raise ReleasedFileError("a DINOv3 backbone: its reader (RoPE, storage tokens) is not implemented yet")
     if "cls_token" in keys and "pos_embed" in keys:
@@ -93,7 +95,7 @@ def detect(obj: Any) -> str:
 
 
 def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: str | None = None,
-                 num_heads: int | None = None, norm_eps: float = 1e-6) -> ViTConfig:
+                 num_heads: int | None = None, norm_eps: float = 1e-6, head_dim: int = 64) -> ViTConfig:
     """The :class:`ViTConfig` of a DINOv2-layout backbone state dict (no prefix, blocks unchunked).
 
     Width, depth, patch size, stored grid, registers, LayerScale, FFN kind and width come from the
@@ -102,7 +104,8 @@ def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: st
     d = int(sd["patch_embed.proj.weight"].shape[0])
     p = int(sd["patch_embed.proj.weight"].shape[-1])
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    n_pos = int(sd["pos_embed"].shape[1]) - 1
+    cls = "cls_token" in sd
+    n_pos = int(sd["pos_embed"].shape[1]) - int(cls)
     grid = int(round(n_pos ** 0.5))
     if grid * grid != n_pos:
         raise ReleasedFileError(f"pos_embed has {n_pos} patch positions: not a square grid")
@@ -115,8 +118,8 @@ def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: st
         heads_from_arch = ARCHS[arch][2]
     if num_heads and heads_from_arch and num_heads != heads_from_arch:
         raise ReleasedFileError(f"--num-heads {num_heads} contradicts --arch {arch} ({heads_from_arch} heads)")
-    heads = num_heads or heads_from_arch or d // HEAD_DIM
-    if heads <= 0 or d % heads:
+    heads = num_heads or heads_from_arch or d // head_dim
+    if heads <= 0 or d % heads or (not num_heads and not heads_from_arch and d % head_dim):
         raise ReleasedFileError(f"width {d} is not divisible into {heads} heads; give --num-heads")
     swiglu = "blocks.0.mlp.w12.weight" in sd
     if swiglu:
@@ -130,6 +133,7 @@ def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: st
     regs = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
     name = arch or next((a for a, v in ARCHS.items() if v[0] == d), "vit_small")
     return ViTConfig(arch=name, patch_size=p, img_size=grid * p, num_register_tokens=regs, drop_path_rate=0.0,
+                     cls_token=cls,
                      ffn="swiglu" if swiglu else "mlp", layerscale_init=1e-5 if "blocks.0.ls1.gamma" in sd else 0.0,
                      qkv_bias="blocks.0.attn.qkv.bias" in sd, norm_eps=norm_eps, embed_dim=d, depth=depth,
                      num_heads=heads, mlp_ratio=ratio, interpolate_offset=offset, interpolate_antialias=antialias)
@@ -149,17 +153,17 @@ def head_shape(sd: dict[str, Tensor]) -> dict[str, int]:
 
 
 def _backbone(sd: dict[str, Tensor], notes: list[str], offset: float, antialias: bool, arch: str | None,
-              num_heads: int | None) -> tuple[ViTConfig, dict[str, Tensor]]:
+              num_heads: int | None, head_dim: int = 64) -> tuple[ViTConfig, dict[str, Tensor]]:
     """Config + state dict in fovea's names; a missing mask token is filled with zeros (noted)."""
     sd, chunked = unchunk(sd)
     if chunked:
         notes.append("blocks.<chunk>.<i> (block_chunks) remapped to blocks.<i>")
     if "mask_token" not in sd:
-        sd = {**sd, "mask_token": torch.zeros(1, int(sd["cls_token"].shape[-1]))}
-        notes.append("mask_token: not in the file (DINO v1); set to zeros (used only by masked training)")
+        sd = {**sd, "mask_token": torch.zeros(1, int(sd["patch_embed.proj.weight"].shape[0]))}
+        notes.append("mask_token: not in the file; set to zeros (used only by masked training)")
     if sd["mask_token"].ndim == 3:  # [1, 1, D] in some versions
         sd = {**sd, "mask_token": sd["mask_token"].reshape(1, -1)}
-    cfg = infer_config(sd, offset, antialias, arch, num_heads)
+    cfg = infer_config(sd, offset, antialias, arch, num_heads, head_dim=head_dim)
     return cfg, sd
 
 
@@ -192,9 +196,11 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
         if unknown:
             raise ReleasedFileError(f"unexpected keys in the teacher: {unknown[:10]}")
         layout = "DINOv2 training teacher checkpoint" if heads else "Franca release (teacher backbone)"
+    elif found == "ijepa":
+        return _read_ijepa(obj, which, arch, num_heads)
     elif found == "dino" and "student" in obj:
         if which not in ("teacher", "student"):
-            raise ReleasedFileError(f"--which {which!r}: teacher or student")
+            raise ReleasedFileError(f"--which {which!r}: teacher or student for DINO v1 checkpoints")
         sd = obj[which]
         prefix = "module." if any(k.startswith("module.") for k in sd) else ""
         bb, hs = strip(sd, f"{prefix}backbone."), strip(sd, f"{prefix}head.")
@@ -219,6 +225,54 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
     return Imported(found, layout, cfg, bb, heads, shapes, extra, notes)
 
 
+def _sincos_layout(table: Tensor, grid: int, what: str, notes: list[str]) -> str:
+    """The layout (col_row / row_col) whose table equals a stored fixed sin-cos table [N, D]."""
+    from fovea.models.vit import sincos_pos_embed_2d
+    for layout in ("col_row", "row_col"):
+        diff = float((sincos_pos_embed_2d(int(table.shape[-1]), grid, grid, layout) - table.float()).abs().max())
+        if diff < 1e-5:
+            if layout != "col_row":
+                notes.append(f"{what}: rows first (row_col), not the released column-first layout")
+            return layout
+    raise ReleasedFileError(f"{what} is not a fixed 2-D sin-cos table in either channel layout")
+
+
+def _read_ijepa(obj: dict, which: str, arch: str | None, num_heads: int | None) -> Imported:
+    """I-JEPA checkpoint: ``encoder`` / ``predictor`` / ``target_encoder`` (``module.`` prefixes); the
+    target encoder by default (``which="encoder"`` for the context encoder), the predictor too."""
+    which = "target_encoder" if which == "teacher" else which
+    if which not in ("target_encoder", "encoder"):
+        raise ReleasedFileError(f"--which {which!r}: target_encoder (teacher) or encoder for I-JEPA checkpoints")
+    notes = [f"imported the {which} and the predictor; not imported: "
+             + ", ".join(str(k) for k in obj if k not in (which, "predictor"))]
+    bb = {k.removeprefix("module."): v for k, v in obj[which].items()}
+    cfg, bb = _backbone(bb, notes, 0.0, False, arch, num_heads, HEAD_DIM["ijepa"])
+    grid = cfg.img_size // cfg.patch_size
+    cfg.pos_embed = "sincos"
+    cfg.sincos_layout = _sincos_layout(bb["pos_embed"][0], grid, "pos_embed", notes)
+    pr = {k.removeprefix("module."): v for k, v in obj["predictor"].items()}
+    table = pr.pop("predictor_pos_embed", None)
+    if table is None:
+        raise ReleasedFileError("the predictor has no predictor_pos_embed")
+    if _sincos_layout(table[0], grid, "predictor_pos_embed", notes) != cfg.sincos_layout:
+        raise ReleasedFileError("the encoder's and the predictor's sin-cos layouts differ")
+    notes.append("predictor_pos_embed: the fixed sin-cos table, recomputed by fovea (equal to the stored one)")
+    if "mask_token" in pr and pr["mask_token"].ndim == 2:
+        pr["mask_token"] = pr["mask_token"][None]
+    pdim = int(pr["predictor_embed.weight"].shape[0])
+    depth = 1 + max(int(k.split(".")[1]) for k in pr if k.startswith("predictor_blocks."))
+    shape = {"embed_dim": cfg.embed_dim, "pred_dim": pdim, "depth": depth, "num_heads": cfg.num_heads,
+             "grid": grid, "mlp_ratio": int(pr["predictor_blocks.0.mlp.fc1.weight"].shape[0]) / pdim}
+    return Imported("ijepa", "I-JEPA checkpoint", cfg, bb, notes=notes, predictor=pr, predictor_shape=shape)
+
+
+def build_predictor(shape: dict, layout: str = "col_row") -> "torch.nn.Module":
+    """The fovea I-JEPA :class:`Predictor` of an imported ``predictor_shape``."""
+    from fovea.models.predictor import Predictor
+    return Predictor(shape["embed_dim"], shape["grid"], shape["grid"], shape["pred_dim"], shape["depth"],
+                     shape["num_heads"], shape["mlp_ratio"], sincos_layout=layout)
+
+
 def config_dict(cfg: ViTConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -226,32 +280,47 @@ def config_dict(cfg: ViTConfig) -> dict:
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def write_imported(imp: Imported, src: str | Path, out_dir: str | Path, eval_size: int = 224) -> Path:
-    """Write an ordinary fovea backbone folder: ``backbone.safetensors`` + ``backbone.yaml`` (its config,
-    ImageNet normalisation, the import report) and ``heads.safetensors`` when the file has heads
-    (``dino_head.*``, ``ibot_head.*``, ``dino_center``). Returns the folder."""
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Atomic ``safetensors`` write with the ordinary file mode."""
+    import os
+
     from safetensors.torch import save_file
 
+    from fovea.train.checkpoint import public_mode
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.chmod(tmp, public_mode())
+    tmp.replace(path)
+
+
+def write_imported(imp: Imported, src: str | Path, out_dir: str | Path, eval_size: int = 224) -> Path:
+    """Write an ordinary fovea backbone folder: ``backbone.safetensors`` + ``backbone.yaml`` (its config,
+    ImageNet normalisation, the import report), ``heads.safetensors`` when the file has heads
+    (``dino_head.*``, ``ibot_head.*``, ``dino_center``) and ``predictor.safetensors`` for I-JEPA.
+    Every tensor is checked against fovea's modules first (names and shapes). Returns the folder."""
     from fovea.hub.backbone import export_backbone
     from fovea.models.vit import VisionTransformer
-    from fovea.train.checkpoint import public_mode
 
     out = Path(out_dir)
     model = VisionTransformer(imp.cfg)
     missing, unexpected = model.load_state_dict(imp.backbone, strict=False)
     if missing or unexpected:
-        raise ReleasedFileError(f"backbone keys do not match fovea's ViT: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ReleasedFileError(f"backbone keys do not match fovea's ViT: missing {missing[:8]}, "
+                                f"unexpected {unexpected[:8]}")
     report = {"source": imp.source, "layout": imp.layout, "file": str(Path(src).resolve()), "notes": imp.notes,
               "heads": imp.head_shapes}
+    if imp.predictor:
+        missing, unexpected = build_predictor(imp.predictor_shape, imp.cfg.sincos_layout).load_state_dict(
+            imp.predictor, strict=False)
+        if missing or unexpected:
+            raise ReleasedFileError(f"predictor keys do not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        report["predictor"] = imp.predictor_shape
     export_backbone(model.eval(), out, extra={
         "crops": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "global_size": eval_size},
         "eval_features": "cls" if imp.cfg.cls_token else "mean_patch", "imported": report})
+    if imp.predictor:
+        _save_tensors(imp.predictor, out / "predictor.safetensors")
     if imp.heads or imp.extra:
-        tensors = {f"{h}.{k}": v.contiguous() for h, sd in imp.heads.items() for k, v in sd.items()}
-        tensors.update({k: v.contiguous() for k, v in imp.extra.items()})
-        tmp = out / ".heads.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        import os
-        os.chmod(tmp, public_mode())
-        tmp.replace(out / "heads.safetensors")
+        tensors = {f"{h}.{k}": v for h, sd in imp.heads.items() for k, v in sd.items()}
+        _save_tensors({**tensors, **imp.extra}, out / "heads.safetensors")
     return out

@@ -68,7 +68,8 @@ class IJEPA(Method):
         backbone.mask_token.requires_grad_(False)  # I-JEPA drops masked patches; the token takes no part
         grid = cfg.crops.global_size // cfg.model.patch_size
         predictor = Predictor(backbone.embed_dim, grid, grid, j.pred_dim, j.pred_depth,
-                              j.pred_heads or backbone.num_heads, norm_eps=cfg.model.norm_eps)
+                              j.pred_heads or backbone.num_heads, norm_eps=cfg.model.norm_eps,
+                              sincos_layout=cfg.model.sincos_layout)
         self.student = ContextPredictor(backbone, predictor)
         target = copy.deepcopy(backbone)  # separate object, never aliased
         for blk in target.blocks:

@@ -20,11 +20,11 @@ class Predictor(nn.Module):
 
     def __init__(self, embed_dim: int, grid_h: int, grid_w: int, pred_dim: int = 384, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 norm_eps: float = 1e-6) -> None:
+                 norm_eps: float = 1e-6, sincos_layout: str = "col_row") -> None:
         super().__init__()
         self.predictor_embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
-        self.register_buffer("predictor_pos_embed", sincos_pos_embed_2d(pred_dim, grid_h, grid_w)[None],
+        self.register_buffer("predictor_pos_embed", sincos_pos_embed_2d(pred_dim, grid_h, grid_w, sincos_layout)[None],
                              persistent=False)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.predictor_blocks = nn.ModuleList(

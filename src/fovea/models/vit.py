@@ -55,18 +55,25 @@ class ViTConfig:
     patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
     cls_token: bool = True  # prepend a CLS token (false for I-JEPA: evaluation then uses the mean patch token)
     pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter)
+    sincos_layout: str = "col_row"  # pos_embed=sincos: col_row (released I-JEPA: column channels first) | row_col
     interpolate_offset: float = 0.0  # learned positions at another grid: 0 = bicubic to the exact size; > 0 = scale factor (n + offset) / N (DINO v1, DINOv2 without registers: 0.1)
     interpolate_antialias: bool = False  # antialias in that bicubic resize (DINOv2 models with registers: true)
 
 
-def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
+SINCOS_LAYOUTS = ("col_row", "row_col")
+
+
+def sincos_pos_embed_2d(dim: int, h: int, w: int, layout: str = "col_row") -> Tensor:
     """Fixed 2-D sin-cos positional embedding [h*w, dim] in row-major patch order.
 
-    Half of the channels encode the row, half the column; each half is [sin(pos*f), cos(pos*f)]
-    with frequencies f_k = 10000^(-k/(dim/4)), k < dim/4. ``dim`` must be divisible by 4.
+    ``col_row`` (the released I-JEPA layout, METHODS.md section 5): the first dim/2 channels encode the
+    patch's column, the last dim/2 its row; ``row_col`` swaps the halves (fovea before issue 14). Each
+    half is [sin(pos*f), cos(pos*f)] with frequencies f_k = 10000^(-k/(dim/4)), k < dim/4.
     """
     if dim % 4:
         raise ValueError(f"sin-cos positional embedding needs a width divisible by 4, got {dim}")
+    if layout not in SINCOS_LAYOUTS:
+        raise ValueError(f"sin-cos layout must be one of {SINCOS_LAYOUTS}, got {layout!r}")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
 
     def enc(pos: Tensor) -> Tensor:
@@ -74,7 +81,8 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
         return torch.cat([ang.sin(), ang.cos()], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.cat([enc(rows.flatten()), enc(cols.flatten())], dim=1).float()
+    halves = [enc(cols.flatten()), enc(rows.flatten())]
+    return torch.cat(halves if layout == "col_row" else halves[::-1], dim=1).float()
 
 
 class PatchEmbed(nn.Module):
@@ -272,7 +280,7 @@ class VisionTransformer(nn.Module):
             g = int(math.isqrt(self.pos_embed.shape[1] - self.n_cls))
             with torch.no_grad():
                 self.pos_embed.zero_()
-                self.pos_embed[0, self.n_cls:] = sincos_pos_embed_2d(self.embed_dim, g, g)
+                self.pos_embed[0, self.n_cls:] = sincos_pos_embed_2d(self.embed_dim, g, g, self.cfg.sincos_layout)
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -302,7 +310,8 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         cls_pos = self.pos_embed[:, :c]
         if self.cfg.pos_embed == "sincos":
-            patch_pos = sincos_pos_embed_2d(self.embed_dim, h_patches, w_patches).to(self.pos_embed)[None]
+            patch_pos = sincos_pos_embed_2d(self.embed_dim, h_patches, w_patches,
+                                            self.cfg.sincos_layout).to(self.pos_embed)[None]
             return torch.cat([cls_pos, patch_pos], dim=1)
         patch_pos = self.pos_embed[:, c:]
         patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
