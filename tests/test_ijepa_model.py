@@ -287,4 +287,4 @@ def test_bad_ijepa_values_named() -> None:
     with pytest.raises(ConfigError, match="model.cls_token"):
         load_config("dino_vittiny_cifar10", ["model.cls_token=false"])
     with pytest.raises(ConfigError, match="model.pos_embed"):
-        load_config("ijepa_vittiny_cifar10", ["model.pos_embed=rope"])
+        load_config("ijepa_vittiny_cifar10", ["model.pos_embed=alibi"])

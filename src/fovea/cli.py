@@ -172,7 +172,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     out = write_imported(imp, args.file, args.out, args.size)
     c = imp.cfg
     print(f"[fovea] {imp.layout} ({imp.source}): ViT D={c.embed_dim}, depth {c.depth}, {c.num_heads} heads, "
-          f"patch {c.patch_size}, positions stored at {c.img_size} px ({c.img_size // c.patch_size}^2), "
+          f"patch {c.patch_size}, "
+          + ("RoPE positions, " if c.pos_embed == "rope" else
+             f"{c.pos_embed} positions stored at {c.img_size} px ({c.img_size // c.patch_size}^2), ")
+          + f"LayerNorm eps {c.norm_eps:g}, "
           f"{c.num_register_tokens} registers, FFN {c.ffn}, LayerScale {'yes' if c.layerscale_init else 'no'}, "
           f"resize offset {c.interpolate_offset} antialias {c.interpolate_antialias}")
     for n in imp.notes:
@@ -279,15 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_rasa)
 
-    im = sub.add_parser("import", help="import a released DINOv2 / Franca / DINO checkpoint",
+    im = sub.add_parser("import", help="import a released DINOv2 / Franca / DINO / I-JEPA / DINOv3 checkpoint",
                         description="Read a released checkpoint (DINOv2 hub backbones with or without registers "
                         "and SwiGLU ViT-g, DINOv2 training teacher checkpoints with their DINO/iBOT heads, Franca "
-                        "releases, DINO v1 backbones and full checkpoints) and write an ordinary fovea backbone "
+                        "releases, DINO v1 backbones and full checkpoints, I-JEPA checkpoints (target encoder + predictor), "
+                        "DINOv3 hub backbones (RoPE, storage tokens)) and write an ordinary fovea backbone "
                         "folder (backbone.safetensors + backbone.yaml, heads.safetensors when the file has heads) "
                         "that every fovea command reads like a run folder. Loading executes no code.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     im.add_argument("file", metavar="FILE", help="the released .pth / .pth.tar file")
-    im.add_argument("--from", dest="source", default="auto", choices=["auto", "dinov2", "franca", "dino", "ijepa"],
+    im.add_argument("--from", dest="source", default="auto", choices=["auto", "dinov2", "franca", "dino", "ijepa", "dinov3"],
                     help="the file's family (auto: detected from its keys)")
     im.add_argument("--arch", default=None, help="fovea arch name (vit_small, vit_large, ...): gives the head count")
     im.add_argument("--num-heads", type=int, default=None, help="attention heads (default: arch, else width / 64)")

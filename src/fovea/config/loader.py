@@ -235,7 +235,10 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.optim.momentum_schedule in ("cosine", "linear"),
          f"optim.momentum_schedule: {cfg.optim.momentum_schedule!r} not cosine/linear")
     need(cfg.model.cls_token or cfg.method != "dino", "model.cls_token=false: DINO needs the CLS token (I-JEPA does not)")
-    need(cfg.model.pos_embed in ("learned", "sincos"), f"model.pos_embed: {cfg.model.pos_embed!r} not learned/sincos")
+    need(cfg.model.pos_embed in ("learned", "sincos", "rope"),
+         f"model.pos_embed: {cfg.model.pos_embed!r} not learned/sincos/rope")
+    need(cfg.model.sincos_layout in ("col_row", "row_col"),
+         f"model.sincos_layout: {cfg.model.sincos_layout!r} not col_row/row_col")
     j = cfg.ijepa
     for key in ("target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale"):
         v = getattr(j, key)

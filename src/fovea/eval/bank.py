@@ -94,11 +94,12 @@ def forward_bank(backbone: VisionTransformer, x: Tensor, n_last: int) -> tuple[T
     slot holds its mean patch token (patches through the final LayerNorm, then averaged).
     """
     t = backbone.prepare_tokens(x)
+    rope = backbone.rope_for(x)
     c, np_ = backbone.n_cls, backbone.n_prefix
     first = backbone.depth - n_last
     cls = []
     for i, blk in enumerate(backbone.blocks):
-        t = blk(t)
+        t = blk(t, rope=rope)
         if i >= first:
             cls.append(backbone.norm(t[:, :1]) if c else backbone.norm(t[:, np_:]).mean(1, keepdim=True))
     last = backbone.norm(t)

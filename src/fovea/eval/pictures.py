@@ -64,10 +64,11 @@ def cls_attention(backbone: VisionTransformer, x: Tensor) -> Tensor:
     all patch queries.
     """
     t = backbone.prepare_tokens(x)
+    rope = backbone.rope_for(x)
     for blk in backbone.blocks[:-1]:
-        t = blk(t)
+        t = blk(t, rope=rope)
     last = backbone.blocks[-1]
-    att = last.attn.attention_map(last.norm1(t))  # [B, heads, N, N]
+    att = last.attn.attention_map(last.norm1(t), rope)  # [B, heads, N, N]
     np_, p = backbone.n_prefix, backbone.patch_size
     a = att[:, :, 0, np_:] if backbone.n_cls else att[:, :, np_:, np_:].mean(2)
     return a.reshape(x.shape[0], -1, x.shape[2] // p, x.shape[3] // p)

@@ -24,7 +24,7 @@ from torch import Tensor
 from fovea.models.vit import ARCHS, ViTConfig, swiglu_hidden
 from fovea.train.checkpoint import load_checkpoint
 
-SOURCES = ("dinov2", "franca", "dino", "ijepa")
+SOURCES = ("dinov2", "franca", "dino", "ijepa", "dinov3")
 HEAD_DIM = {"dinov2": 64, "franca": 64, "dino": 64, "dinov3": 64, "ijepa": 80}  # released head widths (I-JEPA ViT-H: 80)
 
 
@@ -88,7 +88,7 @@ def detect(obj: Any) -> str:
     if {"encoder", "predictor", "target_encoder"} <= keys:
         return "ijepa"
     if "storage_tokens" in keys or any(k.startswith("rope_embed.") for k in keys):
-        raise ReleasedFileError("a DINOv3 backbone: its reader (RoPE, storage tokens) is not implemented yet")
+        return "dinov3"
     if "cls_token" in keys and "pos_embed" in keys:
         return "dinov2" if "mask_token" in keys else "dino"  # DINO v1 files have no mask token
     raise ReleasedFileError(f"unrecognised layout (top-level keys: {sorted(keys)[:8]})")
@@ -105,10 +105,13 @@ def infer_config(sd: dict[str, Tensor], offset: float, antialias: bool, arch: st
     p = int(sd["patch_embed.proj.weight"].shape[-1])
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     cls = "cls_token" in sd
-    n_pos = int(sd["pos_embed"].shape[1]) - int(cls)
-    grid = int(round(n_pos ** 0.5))
-    if grid * grid != n_pos:
-        raise ReleasedFileError(f"pos_embed has {n_pos} patch positions: not a square grid")
+    if "pos_embed" in sd:
+        n_pos = int(sd["pos_embed"].shape[1]) - int(cls)
+        grid = int(round(n_pos ** 0.5))
+        if grid * grid != n_pos:
+            raise ReleasedFileError(f"pos_embed has {n_pos} patch positions: not a square grid")
+    else:  # RoPE: no table; the nominal size is the released training size
+        grid = 224 // p
     heads_from_arch = None
     if arch is not None:
         if arch not in ARCHS:
@@ -198,6 +201,8 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
         layout = "DINOv2 training teacher checkpoint" if heads else "Franca release (teacher backbone)"
     elif found == "ijepa":
         return _read_ijepa(obj, which, arch, num_heads)
+    elif found == "dinov3":
+        return _read_dinov3(dict(obj), arch, num_heads)
     elif found == "dino" and "student" in obj:
         if which not in ("teacher", "student"):
             raise ReleasedFileError(f"--which {which!r}: teacher or student for DINO v1 checkpoints")
@@ -222,7 +227,7 @@ def read_released(path: str | Path, source: str = "auto", arch: str | None = Non
     offset, antialias = (0.0, True) if regs else (0.1, False)  # METHODS.md section 3
     cfg, bb = _backbone(bb, notes, offset, antialias, arch, num_heads)
     shapes = {h: head_shape(s) for h, s in heads.items()}
-    return Imported(found, layout, cfg, bb, heads, shapes, extra, notes)
+    return Imported(found, layout, cfg, bb, heads=heads, head_shapes=shapes, extra=extra, notes=notes)
 
 
 def _sincos_layout(table: Tensor, grid: int, what: str, notes: list[str]) -> str:
@@ -264,6 +269,33 @@ def _read_ijepa(obj: dict, which: str, arch: str | None, num_heads: int | None) 
     shape = {"embed_dim": cfg.embed_dim, "pred_dim": pdim, "depth": depth, "num_heads": cfg.num_heads,
              "grid": grid, "mlp_ratio": int(pr["predictor_blocks.0.mlp.fc1.weight"].shape[0]) / pdim}
     return Imported("ijepa", "I-JEPA checkpoint", cfg, bb, notes=notes, predictor=pr, predictor_shape=shape)
+
+
+def _read_dinov3(sd: dict[str, Tensor], arch: str | None, num_heads: int | None) -> Imported:
+    """DINOv3 hub backbone: RoPE (``rope_embed.periods``), 4 storage tokens, LayerNorm eps 1e-5, the key
+    bias masked out of ``attn.qkv.bias`` (``bias_mask``, folded into the bias here)."""
+    notes = []
+    if "storage_tokens" in sd:
+        sd["register_tokens"] = sd.pop("storage_tokens")
+        notes.append("storage_tokens imported as register_tokens")
+    masks = sorted(k for k in sd if k.endswith(".attn.qkv.bias_mask"))
+    for k in masks:
+        bias = k.removesuffix("_mask")
+        mask = sd.pop(k)
+        if not torch.isfinite(mask).all():
+            raise ReleasedFileError(f"{k} is not finite (a model saved before init_weights?)")
+        sd[bias] = sd[bias] * mask
+    if masks:
+        notes.append(f"attn.qkv.bias_mask of {len(masks)} blocks folded into attn.qkv.bias (key bias = 0)")
+    if "rope_embed.periods" not in sd:
+        raise ReleasedFileError("a DINOv3 backbone without rope_embed.periods")
+    cfg, sd = _backbone(sd, notes, 0.0, False, arch, num_heads, HEAD_DIM["dinov3"])
+    cfg.pos_embed, cfg.norm_eps = "rope", 1e-5  # DINOv3's layernormbf16 is LayerNorm(eps=1e-5)
+    hd = cfg.embed_dim // cfg.num_heads
+    if int(sd["rope_embed.periods"].shape[0]) != hd // 4:
+        raise ReleasedFileError(f"rope_embed.periods has {sd['rope_embed.periods'].shape[0]} entries, but {cfg.num_heads} "
+                                f"heads of width {hd} need {hd // 4}: give --num-heads")
+    return Imported("dinov3", "DINOv3 hub backbone", cfg, sd, notes=notes)
 
 
 def build_predictor(shape: dict, layout: str = "col_row") -> "torch.nn.Module":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fovea.models.packing import PackedLayout, resolve_packing
+from fovea.models.rope import Rope, apply_rope
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio)
 ARCHS: dict[str, tuple[int, int, int, float]] = {
@@ -54,13 +55,15 @@ class ViTConfig:
     mlp_ratio: float = 0.0  # 0 = from arch
     patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
     cls_token: bool = True  # prepend a CLS token (false for I-JEPA: evaluation then uses the mean patch token)
-    pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter)
+    pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter) | rope (DINOv3 axial 2-D rotary, no table)
+    rope_base: float = 100.0  # pos_embed=rope: period base (DINOv3: 100)
     sincos_layout: str = "col_row"  # pos_embed=sincos: col_row (released I-JEPA: column channels first) | row_col
     interpolate_offset: float = 0.0  # learned positions at another grid: 0 = bicubic to the exact size; > 0 = scale factor (n + offset) / N (DINO v1, DINOv2 without registers: 0.1)
     interpolate_antialias: bool = False  # antialias in that bicubic resize (DINOv2 models with registers: true)
 
 
 SINCOS_LAYOUTS = ("col_row", "row_col")
+POS_EMBEDS = ("learned", "sincos", "rope")
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int, layout: str = "col_row") -> Tensor:
@@ -123,23 +126,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
-        """x [B, N, D] -> [B, N, D]; or packed tokens x [T, D] with ``layout`` -> [T, D]."""
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, N, D] -> [B, N, D]; or packed tokens x [T, D] with ``layout`` -> [T, D].
+        ``rope`` (sin, cos) [Np, head_dim] rotates the queries and keys of the last Np tokens."""
         if layout is not None:
+            if rope is not None:
+                raise ValueError("RoPE backbones run unpacked (model.packing=unpacked)")
             t, d = x.shape
             q, k, v = self.qkv(x).reshape(t, 3, self.num_heads, d // self.num_heads).unbind(1)
             return self.proj(layout.attention(q, k, v).reshape(t, d))
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
-    def attention_map(self, x: Tensor) -> Tensor:
+    def attention_map(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Softmax attention weights [B, heads, N, N] (for pictures; not used in training)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, _ = qkv.unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return ((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(-1)
 
 
@@ -204,9 +215,10 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate
         self.drop_path_mode = drop_path_mode
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None) -> Tensor:
-        """x [B, N, D] (or packed [T, D] with ``layout``) -> same shape."""
-        x = self._residual(x, lambda t, lay: self.ls1(self.attn(self.norm1(t), attn_mask, lay)), layout,
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, N, D] (or packed [T, D] with ``layout``) -> same shape; ``rope``: see :class:`Attention`."""
+        x = self._residual(x, lambda t, lay: self.ls1(self.attn(self.norm1(t), attn_mask, lay, rope)), layout,
                            attn_mask is None)
         return self._residual(x, lambda t, lay: self.ls2(self.mlp(self.norm2(t))), layout, True)
 
@@ -250,14 +262,15 @@ class VisionTransformer(nn.Module):
         if cfg.img_size % cfg.patch_size:
             raise ValueError(f"model.img_size {cfg.img_size} not divisible by patch_size {cfg.patch_size}")
         grid = cfg.img_size // cfg.patch_size
-        if cfg.pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"model.pos_embed: {cfg.pos_embed!r} not one of learned, sincos")
+        if cfg.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"model.pos_embed: {cfg.pos_embed!r} not one of {', '.join(POS_EMBEDS)}")
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
         self.n_cls = int(cfg.cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token else None
         # positions of [CLS (if any), patches]; sincos: fixed (CLS slot zero), not trained
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.n_cls + grid * grid, dim),
-                                      requires_grad=cfg.pos_embed == "learned")
+        self.pos_embed = (nn.Parameter(torch.zeros(1, self.n_cls + grid * grid, dim),
+                                       requires_grad=cfg.pos_embed == "learned") if cfg.pos_embed != "rope" else None)
+        self.rope_embed = Rope(dim // heads, cfg.rope_base) if cfg.pos_embed == "rope" else None
         self.register_tokens = (nn.Parameter(torch.zeros(1, cfg.num_register_tokens, dim))
                                 if cfg.num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
@@ -281,7 +294,7 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 self.pos_embed.zero_()
                 self.pos_embed[0, self.n_cls:] = sincos_pos_embed_2d(self.embed_dim, g, g, self.cfg.sincos_layout)
-        else:
+        elif self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
@@ -344,9 +357,12 @@ class VisionTransformer(nn.Module):
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
-        tokens = tokens + self.interpolate_pos_encoding(h // self.patch_size, w // self.patch_size)
+        if self.pos_embed is not None:  # RoPE backbones rotate q and k inside attention instead
+            tokens = tokens + self.interpolate_pos_encoding(h // self.patch_size, w // self.patch_size)
         c = self.n_cls
         if keep is not None:
+            if self.rope_embed is not None:
+                raise ValueError("RoPE backbones do not support keep= (subsets of patches) yet")
             patches = tokens[:, c:].gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
             tokens = torch.cat([tokens[:, :c], patches], dim=1)
         if self.register_tokens is not None:
@@ -365,9 +381,17 @@ class VisionTransformer(nn.Module):
         if keep_valid is not None:
             valid = torch.cat([keep_valid.new_ones(t.shape[0], self.n_prefix), keep_valid], dim=1)
             attn_mask = valid[:, None, None, :]  # [B, 1, 1, N]: True = may be attended to
+        rope = self.rope_for(x)
         for blk in self.blocks:
-            t = blk(t, attn_mask)
+            t = blk(t, attn_mask, rope=rope)
         return self._split(t, masks)
+
+    def rope_for(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """RoPE (sin, cos) [Np, head_dim] for images x [B, C, H, W] (None without RoPE); pass it to every
+        block call as ``blk(t, rope=...)``."""
+        if self.rope_embed is None:
+            return None
+        return self.rope_embed(x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
 
     def project_patches(self, patches: Tensor) -> Tensor:
         """Apply the optional patch projection: [..., D] -> [..., D] (``patches @ patch_proj.T``)."""
@@ -390,7 +414,7 @@ class VisionTransformer(nn.Module):
         through the blocks as one packed sequence with block-diagonal attention instead.
         """
         masks = list(masks) if masks is not None else [None] * len(xs)
-        if resolve_packing(self.cfg.packing, xs[0].device):
+        if self.rope_embed is None and resolve_packing(self.cfg.packing, xs[0].device):
             return self.forward_features_packed(xs, masks)
         outs: list[dict[str, Tensor | None] | None] = [None] * len(xs)
         for idx, x, m in self._resolution_groups(xs, masks):
@@ -460,9 +484,10 @@ class VisionTransformer(nn.Module):
             raise ValueError("this backbone has no CLS token (model.cls_token=false); use the mean patch token")
         take = set(range(self.depth - n, self.depth)) if isinstance(n, int) else set(n)
         t = self.prepare_tokens(x)
+        rope = self.rope_for(x)
         outs = []
         for i, blk in enumerate(self.blocks):
-            t = blk(t)
+            t = blk(t, rope=rope)
             if i in take:
                 outs.append(t)
         if norm:
