@@ -188,6 +188,36 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from fovea.config.loader import build_section
+    from fovea.data.sources import SourceConfig, build_source
+    from fovea.eval.embed import embed
+    from fovea.hub.backbone import load_backbone
+    from fovea.train.distributed import check_device
+
+    backbone, meta = load_backbone(args.model, which=args.which)
+    crops = meta.get("crops", {}) or {}
+    cfg = build_section(SourceConfig, _parse_source(args.data))
+    cfg.limit = args.limit
+    src = build_source(cfg)
+    check_device(args.device)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = args.size or crops.get("global_size") or backbone.cfg.img_size
+    kinds = [k.strip() for k in args.features.split(",") if k.strip()]
+    res = embed(backbone, src, args.out, kinds, size, device, args.batch_size, args.workers, crops.get("mean"),
+                crops.get("std"), progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"[fovea] {res['rows']} rows ({', '.join(f'{k} {d}' for k, d in res['dims'].items())}) from "
+              f"{src.name} at {size} px -> {res['path']} ({res['bytes'] / 2**20:.1f} MiB) in {res['seconds']} s "
+              f"({res['images_per_s']} images/s)" + (f"; {res['skipped']} unreadable images skipped"
+                                                     if res["skipped"] else ""))
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         tree = load_tree(name)
@@ -300,6 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--size", type=int, default=224, help="default evaluation input size written to backbone.yaml")
     im.add_argument("--out", required=True, help="output folder")
     im.set_defaults(func=cmd_import)
+
+    em = sub.add_parser("embed", help="write frozen features of every image to parquet or .npy",
+                        description="Embed every image of a data set with a frozen backbone (a run folder, an "
+                        "imported folder, a checkpoint, a backbone.safetensors or a released file), batched, with the "
+                        "model's own normalisation. Parquet: one row per image (index, path, label, one list column "
+                        "per feature kind), written batch by batch; .npy: the kinds concatenated [N, sum of widths], "
+                        "with OUT.index.npy and OUT.labels.npy beside it.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    em.add_argument("model", metavar="MODEL", help="run folder, imported folder, checkpoint, backbone.safetensors or released file")
+    em.add_argument("--data", required=True, metavar="SPEC", help="fmnist:train|test[:DIR], parquet:FILE or folder:DIR")
+    em.add_argument("--out", required=True, help="output file (.parquet or .npy)")
+    em.add_argument("--features", default="cls,mean_patch", help="comma list of cls, mean_patch, both, registers, "
+                    "cls_last4, cls_last4_mean; KIND@W keeps the first W channels (Matryoshka)")
+    em.add_argument("--size", type=int, default=0, help="input size in px (0 = the model's eval size)")
+    em.add_argument("--limit", type=int, default=0, help="a fixed random subset of the data (0 = all)")
+    em.add_argument("--json", action="store_true", help="print one JSON summary instead of the progress bar")
+    add_backbone_options(em)
+    em.set_defaults(func=cmd_embed)
 
     pr = sub.add_parser("presets", help="list the shipped presets", description="List presets, one line each.")
     pr.set_defaults(func=cmd_presets)

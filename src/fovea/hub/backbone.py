@@ -37,7 +37,8 @@ def _vit_from_dict(d: dict) -> VisionTransformer:
 
 
 def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTransformer, dict]:
-    """Load a backbone from a run folder, a training checkpoint (.pt) or an exported .safetensors.
+    """Load a backbone from a run folder, an imported folder, a training checkpoint (.pt), an exported
+    .safetensors, or a released DINOv2 / Franca / DINO / I-JEPA / DINOv3 file (read as ``fovea import`` does).
 
     Returns (backbone in eval mode, metadata dict with at least ``model`` and, when known,
     ``crops``/``data`` sections of the run config). ``which`` picks the teacher or student of a
@@ -59,9 +60,14 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTrans
         model = _vit_from_dict(meta["model"])
         model.load_state_dict(load_file(str(p)))
         return model.eval(), meta
-    ckpt = load_checkpoint(p)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{p}: not a fovea training checkpoint (keys: {sorted(ckpt)[:8]})")
+    from fovea.hub.released import IMAGENET_MEAN, IMAGENET_STD, read_file, read_released
+    ckpt = read_file(p)
+    if not (isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt):  # a released file: import it
+        imp = read_released(p, which=which)
+        model = VisionTransformer(imp.cfg)
+        model.load_state_dict(imp.backbone)
+        return model.eval(), {"model": dataclasses.asdict(imp.cfg), "imported": {"layout": imp.layout, "file": str(p)},
+                              "crops": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "global_size": 224}}
     cfg = ckpt["config"]
     model = _vit_from_dict(cfg["model"])
     prefix = f"{which}.backbone."
