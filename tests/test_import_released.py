@@ -214,3 +214,38 @@ def test_ijepa_target_encoder_context_encoder_and_predictor(tmp_path: Path) -> N
 def dataclasses_replace(cfg, **kw):  # noqa: ANN001, ANN201
     import dataclasses
     return dataclasses.replace(cfg, **kw)
+
+
+@pytest.mark.parametrize("regs,ffn", [(0, "mlp"), (4, "swiglu")])
+def test_export_then_import_is_exact(tmp_path: Path, regs: int, ffn: str) -> None:
+    from fovea.hub.backbone import export_backbone
+    from fovea.hub.released import export_state_dict
+    from fovea.models.vit import ViTConfig
+    torch.manual_seed(0)
+    vit = VisionTransformer(ViTConfig(arch="vit_tiny", depth=2, patch_size=8, img_size=32, num_register_tokens=regs,
+                                      ffn=ffn, layerscale_init=1e-5)).eval()
+    with torch.no_grad():  # non-trivial tokens everywhere
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    export_backbone(vit, tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "fovea", "export", str(tmp_path / "run"), "--out",
+                           str(tmp_path / "x.pth")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.strip().splitlines()[-1].split("re-import exactly: ")[1].replace("DIR", str(tmp_path / "back"))
+    assert "--interpolate-offset 0" in cmd  # fovea's own resize rule is not the DINOv2 family's: restored by flags
+    back = subprocess.run([sys.executable, "-m", "fovea", *cmd.split()[1:]], capture_output=True, text=True, timeout=120)
+    assert back.returncode == 0, back.stderr
+    again, _ = load_backbone(tmp_path / "back")
+    a, b = vit.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
+    for size in ((32, 32), (48, 24)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert torch.equal(vit.forward_features(x)["x_norm_patchtokens"],
+                               again.forward_features(x)["x_norm_patchtokens"])
+    timm = export_state_dict(vit, "timm")
+    assert "mask_token" not in timm and ("reg_token" in timm) == bool(regs)
+    if ffn == "swiglu":
+        w12 = a["blocks.0.mlp.w12.weight"]
+        assert torch.equal(torch.cat([timm["blocks.0.mlp.fc1_g.weight"], timm["blocks.0.mlp.fc1_x.weight"]]), w12)
+        assert torch.equal(timm["blocks.0.mlp.fc2.weight"], a["blocks.0.mlp.w3.weight"])

@@ -168,7 +168,8 @@ def cmd_rasa(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from fovea.hub.released import read_released, write_imported
-    imp = read_released(args.file, args.source, args.arch, args.num_heads, args.which)
+    imp = read_released(args.file, args.source, args.arch, args.num_heads, args.which, args.interpolate_offset,
+                        None if args.interpolate_antialias is None else args.interpolate_antialias == "true")
     out = write_imported(imp, args.file, args.out, args.size)
     c = imp.cfg
     print(f"[fovea] {imp.layout} ({imp.source}): ViT D={c.embed_dim}, depth {c.depth}, {c.num_heads} heads, "
@@ -185,6 +186,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     extra = [f for f in ("heads.safetensors", "predictor.safetensors") if (out / f).exists()]
     print(f"[fovea] wrote {out / 'backbone.safetensors'}, {out / 'backbone.yaml'}"
           + "".join(f", {out / f}" for f in extra))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fovea.hub.backbone import load_backbone
+    from fovea.hub.released import export_state_dict
+    from fovea.train.checkpoint import save_atomic
+
+    backbone, _ = load_backbone(args.run, which=args.which)
+    sd = export_state_dict(backbone, args.format)
+    save_atomic(sd, args.out)
+    c = backbone.cfg
+    print(f"[fovea] wrote {args.out}: {len(sd)} tensors in the {args.format} layout "
+          f"({sum(v.numel() for v in sd.values()) / 1e6:.2f} M values)")
+    if args.format == "dinov2":
+        family = (0.0, True) if c.num_register_tokens else (0.1, False)
+        flags = "" if (c.interpolate_offset, c.interpolate_antialias) == family else (
+            f" --interpolate-offset {c.interpolate_offset:g} --interpolate-antialias {str(c.interpolate_antialias).lower()}")
+        print(f"[fovea] re-import exactly: fovea import {args.out} --num-heads {backbone.num_heads}"
+              f"{flags} --out DIR")
     return 0
 
 
@@ -328,8 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--which", default="teacher", choices=["teacher", "student", "target_encoder", "encoder"],
                     help="DINO v1 full checkpoints: teacher or student; I-JEPA: target_encoder (= teacher) or encoder")
     im.add_argument("--size", type=int, default=224, help="default evaluation input size written to backbone.yaml")
+    im.add_argument("--interpolate-offset", type=float, default=None,
+                    help="override the position-resize offset (default: the family's rule, METHODS.md section 3)")
+    im.add_argument("--interpolate-antialias", choices=["true", "false"], default=None,
+                    help="override antialiasing of the position resize")
     im.add_argument("--out", required=True, help="output folder")
     im.set_defaults(func=cmd_import)
+
+    ex = sub.add_parser("export", help="write a backbone as a plain DINOv2 / timm state dict",
+                        description="Write the teacher backbone of a run (or any backbone fovea loads) as a plain state "
+                        "dict: --format dinov2 is the DINOv2 hub layout that the official DINOv2 VisionTransformer "
+                        "loads without renaming; --format timm uses timm's ViT names (reg_token, SwiGLU fc1_g/fc1_x/fc2). "
+                        "`fovea import` of a dinov2 export reproduces the backbone exactly (it prints the command).",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("run", metavar="RUN_DIR_OR_BACKBONE", help="a run folder, imported folder, checkpoint or backbone.safetensors")
+    ex.add_argument("--format", default="dinov2", choices=["dinov2", "timm"], help="target layout")
+    ex.add_argument("--which", default="teacher", choices=["teacher", "student"], help="backbone of a training checkpoint")
+    ex.add_argument("--out", required=True, help="output .pth file")
+    ex.set_defaults(func=cmd_export)
 
     em = sub.add_parser("embed", help="write frozen features of every image to parquet or .npy",
                         description="Embed every image of a data set with a frozen backbone (a run folder, an "

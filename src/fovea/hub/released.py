@@ -171,8 +171,19 @@ def _backbone(sd: dict[str, Tensor], notes: list[str], offset: float, antialias:
 
 
 def read_released(path: str | Path, source: str = "auto", arch: str | None = None,
-                  num_heads: int | None = None, which: str = "teacher") -> Imported:
-    """Read a released DINOv2 / Franca / DINO v1 file (see the module docstring)."""
+                  num_heads: int | None = None, which: str = "teacher", interpolate_offset: float | None = None,
+                  interpolate_antialias: bool | None = None) -> Imported:
+    """Read a released file (see the module docstring). ``interpolate_offset`` / ``interpolate_antialias``
+    override the family's position-resize rule (no file stores it: e.g. a fovea model exported earlier)."""
+    imp = _read_released(path, source, arch, num_heads, which)
+    if interpolate_offset is not None:
+        imp.cfg.interpolate_offset = float(interpolate_offset)
+    if interpolate_antialias is not None:
+        imp.cfg.interpolate_antialias = bool(interpolate_antialias)
+    return imp
+
+
+def _read_released(path: str | Path, source: str, arch: str | None, num_heads: int | None, which: str) -> Imported:
     obj = read_file(path)
     found = detect(obj)
     if source != "auto" and source != found:
@@ -356,3 +367,37 @@ def write_imported(imp: Imported, src: str | Path, out_dir: str | Path, eval_siz
         tensors = {f"{h}.{k}": v for h, sd in imp.heads.items() for k, v in sd.items()}
         _save_tensors({**tensors, **imp.extra}, out / "heads.safetensors")
     return out
+
+
+EXPORT_FORMATS = ("dinov2", "timm")
+
+
+def export_state_dict(model: "torch.nn.Module", fmt: str = "dinov2") -> dict[str, Tensor]:
+    """A fovea backbone as a plain state dict in a released layout.
+
+    ``dinov2``: the DINOv2 hub layout (``blocks.<i>``, ``register_tokens``, ``mask_token``, SwiGLU
+    ``mlp.w12``/``mlp.w3``), loadable by the official DINOv2 ``VisionTransformer`` without renaming.
+    ``timm``: timm's own ViT names as its DINOv2 converter produces them (``reg_token``, no mask token,
+    SwiGLU as ``mlp.fc1_g`` / ``mlp.fc1_x`` / ``mlp.fc2``). Learned positions only; a RASA patch
+    projection or RoPE has no place in these layouts and is refused.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ReleasedFileError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    cfg = model.cfg
+    if cfg.pos_embed != "learned" or not cfg.cls_token:
+        raise ReleasedFileError(f"the {fmt} layout holds ViTs with a CLS token and learned positions "
+                                f"(this one: pos_embed={cfg.pos_embed}, cls_token={cfg.cls_token})")
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if "patch_proj" in sd:
+        raise ReleasedFileError("this backbone carries a folded patch projection (RASA): the released layouts "
+                                "have no place for it")
+    if fmt == "timm":
+        sd.pop("mask_token", None)
+        if "register_tokens" in sd:
+            sd["reg_token"] = sd.pop("register_tokens")
+        for k in [k for k in sd if ".mlp.w12." in k]:
+            a, b = sd.pop(k).chunk(2, dim=0)
+            sd[k.replace(".w12.", ".fc1_g.")], sd[k.replace(".w12.", ".fc1_x.")] = a.clone(), b.clone()
+        for k in [k for k in sd if ".mlp.w3." in k]:
+            sd[k.replace(".w3.", ".fc2.")] = sd.pop(k)
+    return sd
