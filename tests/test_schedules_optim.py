@@ -126,10 +126,13 @@ def _model():
 
 def test_param_groups_decay_split():
     model = _model()
-    groups = {g["name"]: g for g in param_groups(model)}
-    assert groups["decay"]["wd_mult"] == 1.0 and groups["no_decay"]["wd_mult"] == 0.0
-    decay = {id(p) for p in groups["decay"]["params"]}
-    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    groups = param_groups(model)
+    # backbone and head parameters sit in separate groups (the backbone lr multiplier of continued pretraining)
+    assert {g["name"] for g in groups} == {"decay_backbone", "no_decay_backbone", "decay", "no_decay"}
+    assert all(g["backbone"] == all(id(p) in {id(q) for q in model["backbone"].parameters()} for p in g["params"])
+               for g in groups)
+    decay = {id(p) for g in groups if g["wd_mult"] == 1.0 for p in g["params"]}
+    no_decay = {id(p) for g in groups if g["wd_mult"] == 0.0 for p in g["params"]}
     assert not decay & no_decay
     named = dict(model.named_parameters())
     assert decay | no_decay == {id(p) for p in named.values()}

@@ -209,6 +209,9 @@ def validate(cfg: RunConfig) -> None:
         need(size > 0 and size % p == 0, f"{key}={size} must be a positive multiple of model.patch_size={p}")
     need(cfg.model.img_size % p == 0, f"model.img_size={cfg.model.img_size} must be a multiple of patch_size={p}")
     need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
+    o = cfg.optim
+    need(o.head_warmup_steps >= 0 and o.backbone_warmup_steps >= 0 and o.backbone_lr_mult >= 0,
+         "optim.head_warmup_steps, optim.backbone_warmup_steps and optim.backbone_lr_mult must be >= 0")
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
     need(cfg.optim.lr_scaling in ("linear256", "sqrt1024", "none"),
          f"optim.lr_scaling: {cfg.optim.lr_scaling!r} not one of linear256, sqrt1024, none")

@@ -132,6 +132,9 @@ class OptimConfig:
     epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
     layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
+    head_warmup_steps: int = 0  # with train.init_from and fresh heads: first N steps train only the heads (backbone lr 0, teacher = student)
+    backbone_lr_mult: float = 1.0  # backbone lr = lr x this (continued pretraining: a low backbone lr)
+    backbone_warmup_steps: int = 0  # after the head warm-up, the backbone lr rises linearly over these steps (0 = at once)
 
 
 @dataclass
@@ -170,6 +173,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch default
     progress: bool = True  # show progress bars
     resume: bool = True  # continue from <output_dir>/checkpoints/last.pt when it exists
+    init_from: str = ""  # start from this backbone: run folder, imported folder, backbone.safetensors, checkpoint or released file (heads too when present)
     resume_force: bool = False  # resume even when the checkpoint's config differs in keys that change the trajectory
 
 

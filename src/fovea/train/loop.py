@@ -7,6 +7,7 @@ teacher update -> logging, checkpoints and periodic k-NN.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from fovea.methods.registry import build_method, build_train_data
 from fovea.methods.registry import multicrop_dataset as make_dataset  # noqa: F401 - used by tests and benchmarks
 from fovea.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fovea.train.distributed import all_reduce_mean, any_rank, barrier, cleanup, init_distributed, main_decides
+from fovea.train.init_from import backbone_scale, load_init, resolve_init_model
 from fovea.train.logging import MetricLogger
 from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients, scaled_lr
 from fovea.train.runfolder import RunLock, load_resume_checkpoint, trajectory_diff
@@ -170,6 +172,7 @@ class Trainer:
         self.info, self.device = init_distributed(cfg.train.device)
         self.sources = open_run_sources(cfg)  # every source probed before any work (errors name the key)
         self.source = self.sources["data.train"]
+        cfg, self.init_changes = resolve_init_model(cfg)  # train.init_from: its architecture
         self.cfg = cfg = resolve_auto(cfg, len(self.source), self.info.world)
         self.out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
         self.ckpt_dir = self.out / "checkpoints"
@@ -209,6 +212,15 @@ class Trainer:
         self.plan = make_plan(cfg, len(self.source), self.info.world)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method: Method = build_method(cfg).to(self.device)
+        self.results: dict = {"knn": {}}
+        if cfg.train.init_from and resume_path is None:
+            self.results["init_from"] = report = load_init(self.method, cfg.train.init_from)
+            if self.info.is_main:
+                for line in self.init_changes:
+                    print(f"[fovea] init_from architecture: {line}", flush=True)
+                print(f"[fovea] init_from {cfg.train.init_from}: " + ", ".join(f"{k} {v}" for k, v in report.items())
+                      + (f"; fresh heads trained alone for {cfg.optim.head_warmup_steps} steps"
+                         if self._head_warmup(report) else ""), flush=True)
         if self.info.world > 1 and self.device.type == "cuda":
             # head BatchNorm (dino.use_bn) normalises over the global batch, as one process would
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
@@ -224,7 +236,6 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.logger = MetricLogger(self.out, enabled=self.info.is_main)
-        self.results: dict = {"knn": {}}
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # per-rank stream for drop-path etc.
         if resume_path is not None:
             self._resume(Path(resume_path))
@@ -294,7 +305,12 @@ class Trainer:
     # ----------------------------------------------------------------- training
     def train_step(self, batch: dict, sv: StepValues) -> dict[str, float]:
         """One optimizer step on ``batch``; returns the logged scalars of this rank."""
-        apply_hparams(self.optimizer, sv.lr, sv.weight_decay)
+        o = self.cfg.optim
+        warm = self._head_warmup() if self.cfg.train.init_from else 0
+        apply_hparams(self.optimizer, sv.lr, sv.weight_decay,
+                      backbone_scale(sv.step, warm, o.backbone_warmup_steps, o.backbone_lr_mult))
+        if sv.step < warm:  # the fresh heads learn on the frozen backbone with the teacher = the student
+            sv = dataclasses.replace(sv, momentum=0.0)
         batch = {k: to_device(v, self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, logs = self.method.training_step(batch, sv)
@@ -312,6 +328,13 @@ class Trainer:
         out.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, "momentum": sv.momentum,
                     "teacher_temp": sv.teacher_temp})
         return out
+
+    def _head_warmup(self, report: dict | None = None) -> int:
+        """Steps of the head warm-up: ``optim.head_warmup_steps`` when ``train.init_from`` left a head fresh."""
+        report = report if report is not None else self.results.get("init_from")
+        if not report or not any(v != "loaded" for k, v in report.items() if k.endswith("_head")):
+            return 0
+        return self.cfg.optim.head_warmup_steps
 
     def _check_finite(self, loss: torch.Tensor, logs: dict) -> None:
         """Raise :class:`NonFiniteLoss` naming the step and every non-finite loss term (on every rank when

@@ -48,14 +48,16 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     depth = 1 + max((int(m.group(1)) for n, _ in named if (m := _BLOCK.search(n))), default=-1)
-    groups: dict[tuple[float, float], dict] = {}
+    groups: dict[tuple[float, float, bool], dict] = {}
     for name, p in named:
         wd = 0.0 if no_weight_decay(name, p) else 1.0
         lr = lr_multiplier(name, depth, layer_decay, patch_embed_lr_mult)
-        g = groups.setdefault((wd, lr), {"params": [], "wd_mult": wd, "lr_mult": lr,
-                                         "name": ("decay" if wd else "no_decay") + ("" if lr == 1.0 else f"_lr{lr:.4g}")})
+        bb = name.startswith("backbone.")
+        g = groups.setdefault((wd, lr, bb), {"params": [], "wd_mult": wd, "lr_mult": lr, "backbone": bb,
+                                             "name": ("decay" if wd else "no_decay") + ("" if lr == 1.0 else f"_lr{lr:.4g}")
+                                             + ("_backbone" if bb else "")})
         g["params"].append(p)
-    return sorted(groups.values(), key=lambda g: (-g["wd_mult"], -g["lr_mult"]))
+    return sorted(groups.values(), key=lambda g: (-g["wd_mult"], -g["lr_mult"], not g["backbone"]))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -64,10 +66,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=0.0)
 
 
-def apply_hparams(opt: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    """Set this step's lr and weight decay on every group, honouring its multipliers."""
+def apply_hparams(opt: torch.optim.Optimizer, lr: float, wd: float, backbone_scale: float = 1.0) -> None:
+    """Set this step's lr and weight decay on every group, honouring its multipliers; the backbone's
+    groups get ``backbone_scale`` on top (continued pretraining: 0 during the head warm-up)."""
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
+        g["lr"] = lr * g.get("lr_mult", 1.0) * (backbone_scale if g.get("backbone") else 1.0)
         g["weight_decay"] = wd * g.get("wd_mult", 1.0)
 
 
