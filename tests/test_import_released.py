@@ -249,3 +249,18 @@ def test_export_then_import_is_exact(tmp_path: Path, regs: int, ffn: str) -> Non
         w12 = a["blocks.0.mlp.w12.weight"]
         assert torch.equal(torch.cat([timm["blocks.0.mlp.fc1_g.weight"], timm["blocks.0.mlp.fc1_x.weight"]]), w12)
         assert torch.equal(timm["blocks.0.mlp.fc2.weight"], a["blocks.0.mlp.w3.weight"])
+
+
+def test_dinov3_key_bias_mask_matters() -> None:
+    inputs, exp, tags = _load("dinov3_hub_vits16")
+    path = WEIGHTS / "dinov3_hub_vits16" / FIXTURES["dinov3_hub_vits16"]
+    imp = read_released(path)
+    raw = torch.load(path, weights_only=True)
+    assert any("bias_mask" in n for n in imp.notes) and imp.cfg.norm_eps == 1e-5 and imp.cfg.pos_embed == "rope"
+    unmasked = dict(imp.backbone)
+    for k in [k for k in raw if k.endswith("attn.qkv.bias")]:
+        unmasked[k] = raw[k]  # the key bias left in: with RoPE it does not cancel in the softmax
+    model = VisionTransformer(imp.cfg).eval()
+    model.load_state_dict(unmasked)
+    with torch.no_grad():
+        assert _max(model.forward_features(inputs[tags["native"]])["x_norm_patchtokens"], exp["native_patch"]) > 1e-2
