@@ -155,6 +155,7 @@ class EvalConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)  # k-NN settings
     at_start: bool = False  # k-NN of the initial model (before any step)
     every_epochs: float = 0.0  # 0 = only at the end
+    every_steps: int = 0  # > 0: k-NN every N steps (overrides every_epochs)
     at_end: bool = True  # k-NN after the last step
     batch_size: int = 256  # feature-extraction batch size
     final: list[str] = field(default_factory=list)  # `fovea eval all` protocols run after training (knn, linear, logreg, fewshot, pictures); report in RUN/eval

@@ -71,7 +71,7 @@ def make_plan(cfg: RunConfig, n_images: int, world: int) -> Plan:
     ep = lambda e: int(round(e * unit))  # noqa: E731
     return Plan(spe, total, min(ep(o.warmup_epochs), total), ep(cfg.dino.warmup_teacher_temp_epochs),
                 ep(o.freeze_last_layer_epochs), cfg.train.checkpoint_every_steps or spe,
-                ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world))
+                cfg.eval.every_steps or ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world))
 
 
 def auto_prototypes(n_images: int) -> int:
@@ -127,7 +127,7 @@ def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
 def evaluates(cfg: RunConfig) -> bool:
     """True when the run will compute k-NN (start, periodic, end) or run ``eval.final`` protocols."""
     e = cfg.eval
-    return bool(e.at_start or e.at_end or e.every_epochs > 0 or e.final)
+    return bool(e.at_start or e.at_end or e.every_epochs > 0 or e.every_steps > 0 or e.final)
 
 
 def open_run_sources(cfg: RunConfig) -> dict[str, ImageSource]:
