@@ -264,3 +264,29 @@ def test_dinov3_key_bias_mask_matters() -> None:
     model.load_state_dict(unmasked)
     with torch.no_grad():
         assert _max(model.forward_features(inputs[tags["native"]])["x_norm_patchtokens"], exp["native_patch"]) > 1e-2
+
+
+def test_imported_folder_works_with_eval_all_and_rasa(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        d = tmp_path / "imgs" / "ab"[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        arr[..., i % 2] = 255
+        Image.fromarray(arr).save(d / f"{i}.png")
+    src = WEIGHTS / "dinov3_hub_vits16" / FIXTURES["dinov3_hub_vits16"]
+    write_imported(read_released(src), src, tmp_path / "imp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = f"folder:{tmp_path / 'imgs'}"
+    ev = subprocess.run([sys.executable, "-m", "fovea", "eval", "all", str(tmp_path / "imp"), "--train", data, "--test",
+                         data, "--size", "32", "--protocols", "knn,pictures"], capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert (tmp_path / "imp" / "eval" / "report.md").exists() and (tmp_path / "imp" / "eval" / "attention.png").exists()
+    ra = subprocess.run([sys.executable, "-m", "fovea", "rasa", str(tmp_path / "imp"), "--data", data, "--limit", "10",
+                         "--limit-heldout", "6", "--rounds", "1", "--steps", "5", "--no-knn", "--size", "32",
+                         "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert ra.returncode == 0, ra.stderr
+    assert (tmp_path / "imp" / "rasa" / "backbone.safetensors").exists()
