@@ -14,7 +14,8 @@ import torch
 
 from fovea.data.sources import default_data_root
 from fovea.hub.backbone import load_backbone
-from fovea.hub.released import ReleasedFileError, read_released, write_imported
+from fovea.hub.imported import write_imported
+from fovea.hub.released import ReleasedFileError, read_released
 from fovea.models.heads import DINOHead
 from fovea.models.vit import VisionTransformer
 

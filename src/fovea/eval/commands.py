@@ -82,8 +82,8 @@ def _pictures_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(s: str | None) -> dict | None:
-    from fovea.cli import _parse_source
-    return _parse_source(s) if s else None
+    from fovea.data.specs import parse_source_spec
+    return parse_source_spec(s) if s else None
 
 
 def make_suite(args: argparse.Namespace):
