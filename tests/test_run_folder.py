@@ -82,7 +82,7 @@ def test_bad_data_source_stops_before_any_work_naming_the_key(images: Path, tmp_
 
 
 def test_eval_sources_must_come_in_labelled_pairs(images: Path, tmp_path: Path) -> None:
-    from fovea.train.loop import open_run_sources
+    from fovea.train.runfolder import open_run_sources
     cfg = load_config(args(images, tmp_path)[0], args(images, tmp_path)[1:] + ["data.eval_test=null"])
     with pytest.raises(ValueError, match="data.eval_train is set but data.eval_test is not"):
         open_run_sources(cfg)

@@ -20,8 +20,6 @@ from tqdm import tqdm
 from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
 from fovea.data.loader import EpochBatchSampler, make_train_loader
-from fovea.data.base import ImageSource
-from fovea.data.sources import build_source, probe_source
 from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
 from fovea.methods.base import Method, StepValues
@@ -32,7 +30,7 @@ from fovea.train.distributed import all_reduce_mean, any_rank, barrier, cleanup,
 from fovea.train.init_from import backbone_scale, load_init, resolve_init_model
 from fovea.train.logging import MetricLogger
 from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients, scaled_lr
-from fovea.train.runfolder import RunLock, load_resume_checkpoint, trajectory_diff
+from fovea.train.runfolder import RunLock, load_resume_checkpoint, open_run_sources, trajectory_diff
 from fovea.train.schedules import cosine_schedule, linear_warmup_constant
 from fovea.train.signals import RunInterrupted, StopRequest
 
@@ -122,45 +120,6 @@ def step_values(cfg: RunConfig, plan: Plan, step: int) -> StepValues:
         momentum=momentum,
         teacher_temp=linear_warmup_constant(step, plan.teacher_temp_warmup_steps, d.warmup_teacher_temp, d.teacher_temp),
         freeze_last_layer=step < plan.freeze_last_layer_steps)
-
-
-def evaluates(cfg: RunConfig) -> bool:
-    """True when the run will compute k-NN (start, periodic, end) or run ``eval.final`` protocols."""
-    e = cfg.eval
-    return bool(e.at_start or e.at_end or e.every_epochs > 0 or e.every_steps > 0 or e.final)
-
-
-def open_run_sources(cfg: RunConfig) -> dict[str, ImageSource]:
-    """Open and probe every data source the run will read, before any training.
-
-    ``data.train`` always; ``data.eval_train`` / ``data.eval_test`` when they are set and the run
-    evaluates (both are then required, labelled). A bad path, kind or unreadable source raises
-    ``ValueError`` naming the config key, e.g. ``data.eval_test: ... does not exist``.
-    """
-    want = [("data.train", cfg.data.train)]
-    pair = [("data.eval_train", cfg.data.eval_train), ("data.eval_test", cfg.data.eval_test)]
-    if evaluates(cfg):
-        given = [k for k, v in pair if v is not None]
-        if cfg.eval.final and len(given) < 2:
-            missing = [k for k, v in pair if v is None]
-            raise ValueError(f"eval.final={cfg.eval.final} needs labelled splits: set {' and '.join(missing)}")
-        if len(given) == 1:
-            missing = next(k for k, v in pair if v is None)
-            raise ValueError(f"{given[0]} is set but {missing} is not: k-NN needs both (set {missing}, or "
-                             f"{given[0]}=null to train without evaluation)")
-        want += [(k, v) for k, v in pair if v is not None]
-    out: dict[str, ImageSource] = {}
-    for key, sc in want:
-        try:
-            src = build_source(sc)
-            probe_source(src)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{key}: {e}") from None
-        if key != "data.train" and not (src.labels >= 0).any():
-            raise ValueError(f"{key}: {src.name} has no labels (k-NN needs labelled images: class sub-folders, "
-                             "a label column, or a labelled data set)")
-        out[key] = src
-    return out
 
 
 class Trainer:

@@ -1,5 +1,5 @@
-"""The run folder's guards: one run at a time (a lock file), which checkpoint to resume from, and
-whether a checkpoint's config allows resuming with the new one."""
+"""The run's inputs and folder guards: every data source probed before work, one run at a time (a lock
+file), which checkpoint to resume from, and whether a checkpoint's config allows resuming with the new one."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -10,9 +10,51 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fovea.config.schema import RunConfig
+from fovea.data.base import ImageSource
+from fovea.data.sources import build_source, probe_source
 from fovea.train.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 
 LOCK_NAME = "run.lock"
+
+
+def evaluates(cfg: RunConfig) -> bool:
+    """True when the run will compute k-NN (start, periodic, end) or run ``eval.final`` protocols."""
+    e = cfg.eval
+    return bool(e.at_start or e.at_end or e.every_epochs > 0 or e.every_steps > 0 or e.final)
+
+
+def open_run_sources(cfg: RunConfig) -> dict[str, ImageSource]:
+    """Open and probe every data source the run will read, before any training.
+
+    ``data.train`` always; ``data.eval_train`` / ``data.eval_test`` when they are set and the run
+    evaluates (both are then required, labelled). A bad path, kind or unreadable source raises
+    ``ValueError`` naming the config key, e.g. ``data.eval_test: ... does not exist``.
+    """
+    want = [("data.train", cfg.data.train)]
+    pair = [("data.eval_train", cfg.data.eval_train), ("data.eval_test", cfg.data.eval_test)]
+    if evaluates(cfg):
+        given = [k for k, v in pair if v is not None]
+        if cfg.eval.final and len(given) < 2:
+            missing = [k for k, v in pair if v is None]
+            raise ValueError(f"eval.final={cfg.eval.final} needs labelled splits: set {' and '.join(missing)}")
+        if len(given) == 1:
+            missing = next(k for k, v in pair if v is None)
+            raise ValueError(f"{given[0]} is set but {missing} is not: k-NN needs both (set {missing}, or "
+                             f"{given[0]}=null to train without evaluation)")
+        want += [(k, v) for k, v in pair if v is not None]
+    out: dict[str, ImageSource] = {}
+    for key, sc in want:
+        try:
+            src = build_source(sc)
+            probe_source(src)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{key}: {e}") from None
+        if key != "data.train" and not (src.labels >= 0).any():
+            raise ValueError(f"{key}: {src.name} has no labels (k-NN needs labelled images: class sub-folders, "
+                             "a label column, or a labelled data set)")
+        out[key] = src
+    return out
 
 
 def warn(msg: str) -> None:
