@@ -8,6 +8,8 @@ step ``s`` continues with exactly the batch it would have drawn.
 from __future__ import annotations
 
 import signal
+import threading
+from contextlib import contextmanager
 
 from typing import Callable, Iterator
 
@@ -21,12 +23,33 @@ from fovea.masking.block import BlockMasker
 
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Worker start-up: ignore SIGINT / SIGTERM. A Ctrl-C or a pre-emption signal sent to the whole
     process group then reaches only the main process, which finishes its step and saves (the workers
-    end with it); a worker killed by the signal would otherwise abort the step with a loader error."""
+    end with it); a worker killed by the signal would otherwise abort the step with a loader error.
+    Workers started inside :func:`stop_signals_blocked` hold such a signal blocked until this runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT / SIGTERM in the main thread while data-loader workers start (``iter(loader)``):
+    the forked workers inherit the blocked mask, so a signal that arrives before their
+    :func:`ignore_stop_signals` cannot kill them; the main process receives it right after."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 31-bit seed that is a pure function of (seed, epoch, index)."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
-from fovea.data.loader import EpochBatchSampler, make_train_loader
+from fovea.data.loader import EpochBatchSampler, make_train_loader, stop_signals_blocked
 from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
 from fovea.methods.base import Method, StepValues
@@ -356,7 +356,9 @@ class Trainer:
                                        c.train.seed, epoch, pos, c.data.num_workers,
                                        pin_memory=self.device.type == "cuda", collate_fn=self.collate)
             stopped = self._stop_requested()
-            for batch in ([] if stopped else loader):
+            with stop_signals_blocked():  # workers start with SIGTERM / SIGINT held, then ignore them
+                batches = iter([] if stopped else loader)
+            for batch in batches:
                 self.skipped += int(batch["skipped"])
                 sv = step_values(c, plan, self.step)
                 logs = self.train_step(batch, sv)
