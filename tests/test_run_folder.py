@@ -328,3 +328,18 @@ def test_outputs_are_group_readable(images: Path, tmp_path: Path) -> None:
         os.umask(old)
     for f in ("backbone.safetensors", "backbone.yaml", "config.yaml", "results.json", "checkpoints/last.pt"):
         assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f
+
+
+def test_stop_signals_are_held_while_loader_workers_start() -> None:
+    import signal
+
+    from fovea.data.loader import stop_signals_blocked
+    got: list[int] = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    try:
+        with stop_signals_blocked():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held: a worker forked now inherits the blocked mask
+        assert got == [signal.SIGTERM]  # delivered to the main process right after
+    finally:
+        signal.signal(signal.SIGTERM, old)
