@@ -330,16 +330,20 @@ def test_outputs_are_group_readable(images: Path, tmp_path: Path) -> None:
         assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f
 
 
-def test_stop_signals_are_held_while_loader_workers_start() -> None:
+def test_loader_workers_start_with_stop_signals_blocked() -> None:
+    # A process forked inside the context (as DataLoader workers are) starts with SIGTERM / SIGINT blocked,
+    # so a group signal cannot kill it before ignore_stop_signals runs; the context restores the mask.
     import signal
 
-    from fovea.data.loader import stop_signals_blocked
-    got: list[int] = []
-    old = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
-    try:
-        with stop_signals_blocked():
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert got == []  # held: a worker forked now inherits the blocked mask
-        assert got == [signal.SIGTERM]  # delivered to the main process right after
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    from fovea.data.loader import ignore_stop_signals, stop_signals_blocked
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with stop_signals_blocked():
+        pid = os.fork()
+        if pid == 0:  # the "worker"
+            held = {signal.SIGTERM, signal.SIGINT} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            os.kill(os.getpid(), signal.SIGTERM)  # pending, not fatal
+            ignore_stop_signals(0)  # ignored, then unblocked: the pending signal is dropped
+            os._exit(0 if held else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

@@ -41,7 +41,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 def stop_signals_blocked() -> Iterator[None]:
     """Block SIGINT / SIGTERM in the main thread while data-loader workers start (``iter(loader)``):
     the forked workers inherit the blocked mask, so a signal that arrives before their
-    :func:`ignore_stop_signals` cannot kill them; the main process receives it right after."""
+    :func:`ignore_stop_signals` cannot kill them. The main process still receives it (through another
+    of its threads, or when the mask is restored) and its handler asks the run to stop."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
