@@ -17,6 +17,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where collectives' tensors live (NCCL needs CUDA tensors)
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +62,7 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local), device
+    return DistInfo(rank, world, local, str(device)), device
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
@@ -69,16 +70,16 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     if info.world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return {k: float(v) / info.world for k, v in zip(keys, t)}
+    return {k: float(v) / info.world for k, v in zip(keys, t.cpu())}
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` is true on any rank (the flag itself on one process)."""
     if info.world == 1:
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

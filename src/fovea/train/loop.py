@@ -329,7 +329,7 @@ class Trainer:
         """The signal that asked this run to stop (0: none), agreed over ranks."""
         sig = self.stop.signum
         if self.info.world > 1:
-            t = torch.tensor([sig], dtype=torch.int64)
+            t = torch.tensor([sig], dtype=torch.int64, device=self.info.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             sig = int(t)
         return sig
