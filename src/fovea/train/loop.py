@@ -163,6 +163,7 @@ class Trainer:
                       + "; ".join(diff), flush=True)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_yaml(self.cfg))
+        self._loaded = ckpt  # read once: _resume uses it on this rank
         return None if path is None else str(path)
 
     def _build(self, resume_path: str | None) -> None:
@@ -201,7 +202,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+        ckpt = self.__dict__.pop("_loaded", None) or load_checkpoint(path)
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = self.saved_step = int(ckpt["step"])
