@@ -24,7 +24,7 @@ def arm_args(run: Path, out: Path, steps: int, every: int, recipe: bool, a: argp
     args = [str(run / "config.yaml"), f"output_dir={out}", f"optim.max_steps={steps}",
             f"train.init_from={run / 'backbone.safetensors'}", "eval.at_start=true", "train.threads=1",
             "train.progress=false", f"data.eval_train.limit={a.bank}", f"data.eval_test.limit={a.test}",
-            "eval.knn.report=[cls]", f"eval.knn.ks=[{a.k}]", "eval.at_end=true", "train.resume=false", "optim.warmup_epochs=0", f"eval.every_steps={every}"]
+            "eval.knn.report=[cls]", f"eval.knn.ks=[{a.k}]", "eval.at_end=true", "train.resume=false", f"eval.every_steps={every}"]
     if recipe:
         args += [f"optim.head_warmup_steps={a.head_warmup}", f"optim.backbone_lr_mult={a.backbone_lr_mult}",
                  f"optim.backbone_warmup_steps={a.head_warmup}", f"optim.momentum_teacher={a.momentum}",
