@@ -12,7 +12,6 @@ Files are read with ``weights_only=True``; the only extra type allowed is ``argp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from torch import Tensor
 from fovea.models.vit import ARCHS, ViTConfig, swiglu_hidden
 from fovea.train.checkpoint import load_checkpoint
 
-SOURCES = ("dinov2", "franca", "dino", "ijepa", "dinov3")
 HEAD_DIM = {"dinov2": 64, "franca": 64, "dino": 64, "dinov3": 64, "ijepa": 80}  # released head widths (I-JEPA ViT-H: 80)
 
 
@@ -316,8 +314,6 @@ def build_predictor(shape: dict, layout: str = "col_row") -> "torch.nn.Module":
                      shape["num_heads"], shape["mlp_ratio"], sincos_layout=layout)
 
 
-def config_dict(cfg: ViTConfig) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

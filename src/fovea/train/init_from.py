@@ -116,9 +116,3 @@ def backbone_scale(step: int, head_warmup: int, backbone_warmup: int, mult: floa
     if backbone_warmup <= 0:
         return mult
     return mult * min(1.0, (step - head_warmup + 1) / backbone_warmup)
-
-
-def is_backbone_param(name: str) -> bool:
-    """Parameters of the student's backbone (``backbone.*``), as named in the optimizer groups."""
-    return name.startswith("backbone.")
-

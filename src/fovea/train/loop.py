@@ -228,7 +228,6 @@ class Trainer:
                  "step": self.step, "rng": rng, "skipped": self.skipped, "results": self.results,
                  "config": to_dict(self.cfg), "world": self.info.world}
         save_atomic(state, self.ckpt_dir / "last.pt")
-        self.saved_step = self.step
         if self.cfg.train.keep_checkpoints > 0 and not final:
             save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
             olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.train.keep_checkpoints]
