@@ -7,7 +7,7 @@ report k-NN (k = 20, teacher CLS) every ``--every`` steps:
   (a) naive: fresh heads trained together with the backbone from step 0 at the preset's lr and momentum;
   (b) recipe (METHODS.md 5c): the heads first train alone on the frozen backbone (``--head-warmup`` steps,
       teacher = student), then the backbone joins at ``--backbone-lr-mult`` x lr over a linear warm-up of
-      ``--head-warmup`` steps, with teacher momentum ``--momentum`` -> 1.
+      ``--head-warmup`` steps, with teacher momentum ``--momentum`` -> ``--momentum-end``.
 The arms run side by side (one thread each). Prints a table and writes ``continue.json`` in ``--out``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def arm_args(run: Path, out: Path, steps: int, every: int, recipe: bool, a: argp
     if recipe:
         args += [f"optim.head_warmup_steps={a.head_warmup}", f"optim.backbone_lr_mult={a.backbone_lr_mult}",
                  f"optim.backbone_warmup_steps={a.head_warmup}", f"optim.momentum_teacher={a.momentum}",
-                 "optim.momentum_teacher_end=1.0"]
+                 f"optim.momentum_teacher_end={a.momentum_end}"]
     return args
 
 
@@ -43,10 +43,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--every", type=int, default=50, help="k-NN every N steps")
     ap.add_argument("--head-warmup", type=int, default=100)
-    ap.add_argument("--backbone-lr-mult", type=float, default=0.1)
-    ap.add_argument("--momentum", type=float, default=0.999)
+    ap.add_argument("--backbone-lr-mult", type=float, default=0.5)
+    ap.add_argument("--momentum", type=float, default=0.995, help="(b): teacher momentum at the start")
+    ap.add_argument("--momentum-end", type=float, default=0.999, help="(b): teacher momentum at the end (cosine)")
     ap.add_argument("--bank", type=int, default=10000, help="k-NN bank images (a fixed random subset)")
-    ap.add_argument("--test", type=int, default=2000, help="k-NN test images (a fixed random subset)")
+    ap.add_argument("--test", type=int, default=10000, help="k-NN test images (a fixed random subset)")
     ap.add_argument("--k", type=int, default=20, help="k of the reported k-NN")
     ap.add_argument("--out", default="runs/continue")
     a = ap.parse_args()
@@ -71,7 +72,7 @@ def main() -> int:
     worst = min(curves["recipe"].values())
     print(f"\n(b): start {start:.2f}, lowest {worst:.2f} ({worst - start:+.2f}), end {curves['recipe'][steps[-1]]:.2f}; "
           f"(a): lowest {min(curves['naive'].values()):.2f}, end {curves['naive'][steps[-1]]:.2f}")
-    (root / "continue.json").write_text(json.dumps({"curves": curves, "args": vars(a)}, indent=2))
+    (root / "continue.json").write_text(json.dumps({"curves": curves, "args": vars(a), "recipe_args": arm_args(run, root / "recipe", a.steps, a.every, True, a)}, indent=2))
     return 0
 
 

@@ -62,7 +62,7 @@ def step(model: VisionTransformer, xs: list[torch.Tensor], masks: list, device: 
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         outs = model.forward_features_list(xs, masks)
-        loss = sum(o["x_norm_clstoken"].float().square().mean() + o["x_norm_patchtokens"].float().mean()
+        loss = sum(o.cls.float().square().mean() + o.patches.float().mean()
                    for o in outs)
     loss.backward()
     sync(device)

@@ -41,7 +41,7 @@ from fovea.config.loader import load_config
 from fovea.config.schema import RunConfig
 from fovea.methods.dino import build_method
 from fovea.models.vit import ARCHS
-from fovea.train.distributed import DistInfo
+from fovea.core.distributed import DistInfo
 from fovea.train.loop import Trainer, make_plan, resolve_auto, step_values
 from fovea.train.optim import build_optimizer
 

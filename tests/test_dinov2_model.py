@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fovea.config.loader import ConfigError, load_config
+from fovea.config.loader import load_config
+from fovea.errors import ConfigError
 from fovea.methods.base import StepValues
 from fovea.methods.dino import DINO
 from fovea.models.packing import PackedLayout
-from fovea.models.vit import Block, ViTConfig, VisionTransformer, swiglu_hidden
+from fovea.models.layers import Block, swiglu_hidden
+from fovea.models.vit import ViTConfig, VisionTransformer
 from fovea.train.optim import lr_multiplier, param_groups
 
 SMALL = dict(arch="vit_tiny", depth=2, embed_dim=48, num_heads=3, patch_size=4, img_size=16,
@@ -31,16 +33,17 @@ def test_packed_equals_unpacked(impl: str, ffn: str) -> None:
     m = VisionTransformer(ViTConfig(**SMALL, drop_path_rate=0.0, ffn=ffn, packing="unpacked", packed_attention=impl))
     xs, masks = _crops()
     ref = m.forward_features_list(xs, masks)
-    loss_ref = sum(o["x_norm_clstoken"].square().sum() + o["x_norm_patchtokens"].sum() for o in ref)
+    loss_ref = sum(o.cls.square().sum() + o.patches.sum() for o in ref)
     grads_ref = torch.autograd.grad(loss_ref, list(m.parameters()), allow_unused=True)
     m.cfg.packing = "packed"
     out = m.forward_features_list(xs, masks)
     for a, b in zip(ref, out):
-        for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
-            assert a[key].shape == b[key].shape
-            assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
-        assert (a["masks"] is None) == (b["masks"] is None)
-    loss = sum(o["x_norm_clstoken"].square().sum() + o["x_norm_patchtokens"].sum() for o in out)
+        for key in ("cls", "registers", "patches", "prenorm"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert x.shape == y.shape
+            assert torch.allclose(x, y, atol=1e-5), (key, (x - y).abs().max())
+        assert (a.masks is None) == (b.masks is None)
+    loss = sum(o.cls.square().sum() + o.patches.sum() for o in out)
     for ga, gb in zip(grads_ref, torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)):
         assert (ga is None and gb is None) or torch.allclose(ga, gb, rtol=1e-4, atol=1e-4)
 
@@ -204,8 +207,8 @@ def test_ibot_loss_uses_teacher_tokens_at_masked_positions() -> None:
     with torch.no_grad():
         t_out = m.teacher.backbone.forward_features_list(crops[:2])
         s_out = m.student.backbone.forward_features_list(crops[:2], [masks[:b], masks[b:]])
-        t_tok = torch.cat([o["x_norm_patchtokens"] for o in t_out])
-        s_tok = torch.cat([o["x_norm_patchtokens"] for o in s_out])
+        t_tok = torch.cat([o.patches for o in t_out])
+        s_tok = torch.cat([o.patches for o in s_out])
         expected = 0.0
         targets = sinkhorn_knopp(m.teacher.patch_head(t_tok[masks]), 0.04, 3)
         log_s = torch.log_softmax(m.student.patch_head(s_tok[masks]) / 0.1, -1)

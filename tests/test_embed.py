@@ -49,10 +49,10 @@ def test_embed_parquet_rows_and_values(data: Path, tmp_path: Path) -> None:
         x = normalize(eval_transform(src.load(i), 16)[None], IMAGENET_MEAN, IMAGENET_STD)
         with torch.no_grad():
             out = vit.forward_features(x)
-        assert np.allclose(t["cls"][row], out["x_norm_clstoken"][0].numpy(), atol=1e-5)
-        assert np.allclose(t["mean_patch"][row], out["x_norm_patchtokens"][0].mean(0).numpy(), atol=1e-5)
-        assert np.allclose(t["registers"][row], out["x_norm_regtokens"][0].mean(0).numpy(), atol=1e-5)
-        assert np.allclose(t["cls@8"][row], out["x_norm_clstoken"][0, :8].numpy(), atol=1e-5)
+        assert np.allclose(t["cls"][row], out.cls[0].numpy(), atol=1e-5)
+        assert np.allclose(t["mean_patch"][row], out.patches[0].mean(0).numpy(), atol=1e-5)
+        assert np.allclose(t["registers"][row], out.registers[0].mean(0).numpy(), atol=1e-5)
+        assert np.allclose(t["cls@8"][row], out.cls[0, :8].numpy(), atol=1e-5)
 
 
 def test_embed_cli_npy_from_a_backbone_folder(data: Path, tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_embed_cli_npy_from_a_backbone_folder(data: Path, tmp_path: Path) -> Non
     x = normalize(eval_transform(src.load(int(idx[3])), 16)[None], [0.5] * 3, [0.25] * 3)  # the model's own normalisation
     with torch.no_grad():
         out = vit.eval().forward_features(x)
-    cls, mp = out["x_norm_clstoken"][0], out["x_norm_patchtokens"][0].mean(0)
+    cls, mp = out.cls[0], out.patches[0].mean(0)
     want = torch.cat([cls, F.normalize(cls, dim=0), F.normalize(mp, dim=0)]).numpy()
     assert np.allclose(mat[3], want, atol=1e-5)
     bad = subprocess.run([sys.executable, "-m", "fovea", "embed", str(tmp_path / "bb"), "--data", f"folder:{data}",

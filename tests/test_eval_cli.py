@@ -119,7 +119,8 @@ def test_every_eval_option_has_help():
 
 
 def test_eval_final_config_key_is_validated():
-    from fovea.config.loader import ConfigError, load_config
+    from fovea.config.loader import load_config
+    from fovea.errors import ConfigError
     cfg = load_config("dino_vittiny_fmnist", ["eval.final=[linear,logreg]"])
     assert cfg.eval.final == ["linear", "logreg"]
     with pytest.raises(ConfigError, match="eval.final"):

@@ -216,10 +216,10 @@ def test_forward_bank_matches_backbone_and_kinds():
         ref = vit.forward_features(x)
         inter = vit.get_intermediate_layers(x, 2, return_class_token=True)
     assert cls.shape == (3, 3, 48) and mp.shape == (3, 48) and reg.shape == (3, 2, 48)  # n capped at depth 3
-    assert torch.allclose(cls[:, -1], ref["x_norm_clstoken"], atol=1e-5)
+    assert torch.allclose(cls[:, -1], ref.cls, atol=1e-5)
     assert torch.allclose(cls[:, -2], inter[0][1], atol=1e-5)
-    assert torch.allclose(mp, ref["x_norm_patchtokens"].mean(1), atol=1e-5)
-    assert torch.allclose(reg, ref["x_norm_regtokens"], atol=1e-5)
+    assert torch.allclose(mp, ref.patches.mean(1), atol=1e-5)
+    assert torch.allclose(reg, ref.registers, atol=1e-5)
     b = FeatureBank(cls, mp, reg, torch.zeros(3, dtype=torch.long))
     assert b.get("cls_last4").shape == (3, 144) and b.get("cls_last4_mean").shape == (3, 192)
     assert torch.equal(b.get("cls@16"), cls[:, -1, :16])  # Matryoshka width

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fovea.config.loader import ConfigError, load_config
+from fovea.config.loader import load_config
+from fovea.errors import ConfigError
 from fovea.eval.knn import knn_accuracy, parse_widths, truncate_features
 from fovea.masking.block import BlockMasker
 from fovea.masking.cyclic import inverse_block_mask, random_roll
@@ -182,8 +183,8 @@ def test_loss_is_the_weighted_sum_of_per_level_losses_computed_by_hand() -> None
     b = 4
     with torch.no_grad():
         s_cls = [m.student.backbone.forward_features(c, batch["masks"][i * b:(i + 1) * b] if i < 2 else None)
-                 ["x_norm_clstoken"] for i, c in enumerate(crops)]
-        t_cls = [m.teacher.backbone.forward_features(c)["x_norm_clstoken"] for c in crops[:2]]
+                 .cls for i, c in enumerate(crops)]
+        t_cls = [m.teacher.backbone.forward_features(c).cls for c in crops[:2]]
         total = 0.0
         for lvl, (d, w) in enumerate(zip([8, 32], [0.5, 2.0])):
             head_s, head_t = m.student.head.levels[lvl], m.teacher.head.levels[lvl]

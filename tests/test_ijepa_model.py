@@ -59,13 +59,13 @@ def test_no_cls_sincos_layout_and_frozen_positions() -> None:
     assert torch.allclose(m.pos_embed[0], sincos_pos_embed_2d(48, 4, 4))
     x = torch.randn(2, 3, 16, 16)
     out = m.forward_features(x)
-    assert out["x_norm_clstoken"] is None and out["x_norm_patchtokens"].shape == (2, 16, 48)
+    assert out.cls is None and out.patches.shape == (2, 16, 48)
     # another resolution: sin-cos recomputed for the 6x6 grid rather than interpolated
     pe = m.interpolate_pos_encoding(6, 6)
     assert torch.allclose(pe[0], sincos_pos_embed_2d(48, 6, 6))
     lay = m.get_intermediate_layers(x, n=2)
     assert len(lay) == 2 and lay[-1].shape == (2, 16, 48)
-    assert torch.allclose(lay[-1], out["x_norm_patchtokens"], atol=1e-6)  # last block, normed = forward_features
+    assert torch.allclose(lay[-1], out.patches, atol=1e-6)  # last block, normed = forward_features
     with pytest.raises(ValueError, match="CLS"):
         m.get_intermediate_layers(torch.randn(1, 3, 16, 16), return_class_token=True)
     # learned + CLS default unchanged
@@ -81,7 +81,7 @@ def test_no_cls_eval_uses_mean_patch() -> None:
     out = m.forward_features(x)
     with pytest.raises(ValueError, match="CLS"):
         pool_features(out, "cls")
-    assert torch.allclose(m(x), out["x_norm_patchtokens"].mean(1))
+    assert torch.allclose(m(x), out.patches.mean(1))
 
 
 @pytest.mark.parametrize("cls_token,registers", [(False, 0), (False, 2), (True, 2)])
@@ -96,10 +96,10 @@ def test_eval_bank_uses_every_patch_and_the_right_prefix(cls_token: bool, regist
         cls, mean, reg = forward_bank(m, x, 2)
         out = m.forward_features(x)
         lay = m.get_intermediate_layers(x, n=2, norm=True)
-    assert torch.allclose(mean, out["x_norm_patchtokens"].mean(1), atol=1e-6)  # all 16 patches
-    assert reg.shape == (3, registers, 48) and torch.allclose(reg, out["x_norm_regtokens"], atol=1e-6)
+    assert torch.allclose(mean, out.patches.mean(1), atol=1e-6)  # all 16 patches
+    assert reg.shape == (3, registers, 48) and torch.allclose(reg, out.registers, atol=1e-6)
     if cls_token:
-        assert torch.allclose(cls[:, -1], out["x_norm_clstoken"], atol=1e-6)
+        assert torch.allclose(cls[:, -1], out.cls, atol=1e-6)
     else:  # each block's slot is its normed mean patch token
         assert torch.allclose(cls[:, -1], mean, atol=1e-6)
         assert torch.allclose(cls[:, 0], lay[0].mean(1), atol=1e-6)
@@ -126,13 +126,13 @@ def test_keep_with_padding_equals_unpadded_subset() -> None:
     m = tiny_vit(cls_token=False, pos_embed="sincos").eval()
     x = torch.randn(1, 3, 16, 16)
     keep = torch.tensor([[0, 3, 5, 15]])
-    ref = m.forward_features(x, keep=keep)["x_norm_patchtokens"]
+    ref = m.forward_features(x, keep=keep).patches
     padded = torch.tensor([[0, 3, 5, 15, 7, 7]])
     valid = torch.tensor([[True, True, True, True, False, False]])
-    got = m.forward_features(x, keep=padded, keep_valid=valid)["x_norm_patchtokens"]
+    got = m.forward_features(x, keep=padded, keep_valid=valid).patches
     assert torch.allclose(got[:, :4], ref, atol=1e-5)
     # the kept tokens see only each other: differs from the full-image tokens at those positions
-    full = m.forward_features(x)["x_norm_patchtokens"][:, keep[0]]
+    full = m.forward_features(x).patches[:, keep[0]]
     assert not torch.allclose(full, ref, atol=1e-3)
 
 
@@ -219,7 +219,7 @@ def test_loss_zero_when_predictor_returns_targets(method: IJEPA, monkeypatch: py
     x = (b["images"].float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
         torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        h = jepa_targets(method.teacher.backbone.forward_features(x)["x_norm_patchtokens"])
+        h = jepa_targets(method.teacher.backbone.forward_features(x).patches)
     want = gather_targets(h, b["tgt_idx"])
     monkeypatch.setattr(type(method.student), "forward", lambda self, *a: want.clone().requires_grad_(True))
     loss, _ = method.training_step(b, SV)
@@ -279,7 +279,7 @@ def test_start_lr_warmup_and_linear_momentum() -> None:
 
 
 def test_bad_ijepa_values_named() -> None:
-    from fovea.config.loader import ConfigError
+    from fovea.errors import ConfigError
     with pytest.raises(ConfigError, match="ijepa.equalize"):
         load_config("ijepa_vittiny_cifar10", ["ijepa.equalize=truncate"])
     with pytest.raises(ConfigError, match="ijepa.target_scale"):

@@ -62,8 +62,8 @@ def fixture_diffs(name: str, tmp_path: Path) -> tuple[dict[str, float], set[str]
         for tag, key in tags.items():
             x = inputs[key]
             out = model.forward_features(x)
-            for part, got in (("cls", out["x_norm_clstoken"]), ("reg", out["x_norm_regtokens"]),
-                              ("patch", out["x_norm_patchtokens"])):
+            for part, got in (("cls", out.cls), ("reg", out.registers),
+                              ("patch", out.patches)):
                 if f"{tag}_{part}" in exp:
                     checked[f"{tag}_{part}"] = _max(got, exp[f"{tag}_{part}"])
             if f"{tag}_inter0_patch" in exp:
@@ -72,8 +72,8 @@ def fixture_diffs(name: str, tmp_path: Path) -> tuple[dict[str, float], set[str]
                 checked[f"{tag}_inter0_cls"] = _max(c0, exp[f"{tag}_inter0_cls"])
         if "other_masks" in exp:
             masked = model.forward_features(inputs[tags["other"]], masks=exp["other_masks"].bool())
-            checked["other_masked_cls"] = _max(masked["x_norm_clstoken"], exp["other_masked_cls"])
-            checked["other_masked_patch"] = _max(masked["x_norm_patchtokens"], exp["other_masked_patch"])
+            checked["other_masked_cls"] = _max(masked.cls, exp["other_masked_cls"])
+            checked["other_masked_patch"] = _max(masked.patches, exp["other_masked_patch"])
         if imp.heads:
             from safetensors.torch import load_file
             saved = load_file(str(tmp_path / "heads.safetensors"))
@@ -82,13 +82,13 @@ def fixture_diffs(name: str, tmp_path: Path) -> tuple[dict[str, float], set[str]
                 heads[h] = DINOHead(s["in_dim"], s["out_dim"], s["hidden_dim"], s["bottleneck_dim"], s["nlayers"],
                                     norm_last_layer=False)
                 heads[h].load_state_dict({k[len(h) + 1:]: v for k, v in saved.items() if k.startswith(h + ".")})
-            cls = {t: model.forward_features(inputs[k])["x_norm_clstoken"] for t, k in tags.items()}
+            cls = {t: model.forward_features(inputs[k]).cls for t, k in tags.items()}
             for key in ("native_dino_head", "native_ibot_head"):
                 if key in exp:
                     checked[key] = _max(heads[key[7:]](cls["native"]), exp[key])
             if "other_masked_ibot_head" in exp:
                 m = exp["other_masks"].bool()
-                checked["other_masked_ibot_head"] = _max(heads["ibot_head"](masked["x_norm_patchtokens"][m]),
+                checked["other_masked_ibot_head"] = _max(heads["ibot_head"](masked.patches[m]),
                                                          exp["other_masked_ibot_head"])
             if "native_head_teacher" in exp:  # DINO v1: head(backbone(x)) of the teacher
                 checked["native_head_teacher"] = _max(heads["dino_head"](cls["native"]), exp["native_head_teacher"])
@@ -133,7 +133,7 @@ def test_interpolation_rule_matters_and_is_kept() -> None:
     model = VisionTransformer(imp.cfg).eval()
     model.load_state_dict(imp.backbone)
     with torch.no_grad():
-        assert _max(model.forward_features(inputs[tags["other"]])["x_norm_patchtokens"], exp["other_patch"]) > 0.1
+        assert _max(model.forward_features(inputs[tags["other"]]).patches, exp["other_patch"]) > 0.1
     reg = read_released(WEIGHTS / "dinov2_hub_vits14_reg4" / FIXTURES["dinov2_hub_vits14_reg4"])
     assert (reg.cfg.interpolate_offset, reg.cfg.interpolate_antialias, reg.cfg.num_register_tokens) == (0.0, True, 4)
 
@@ -190,17 +190,17 @@ def test_ijepa_target_encoder_context_encoder_and_predictor(tmp_path: Path) -> N
     tgt = exp["masks_pred"].long()  # [M, B, 42]
     m, b, nt = tgt.shape
     with torch.no_grad():
-        checked = {"native_patch_target": _max(target.forward_features(x)["x_norm_patchtokens"],
+        checked = {"native_patch_target": _max(target.forward_features(x).patches,
                                                exp["native_patch_target"]),
-                   "native_patch_encoder": _max(enc.forward_features(x)["x_norm_patchtokens"],
+                   "native_patch_encoder": _max(enc.forward_features(x).patches,
                                                 exp["native_patch_encoder"])}
-        ctx = enc.forward_features(x, keep=ctx_idx)["x_norm_patchtokens"]
+        ctx = enc.forward_features(x, keep=ctx_idx).patches
         checked["context_tokens"] = _max(ctx, exp["context_tokens"])
         out = pred(ctx, ctx_idx, torch.ones_like(ctx_idx, dtype=torch.bool), tgt.transpose(0, 1),
                    torch.ones(b, m, nt, dtype=torch.bool))  # rows b*M + m; the official rows are m*B + b
         checked["predictor_out"] = _max(out.reshape(b, m, nt, -1).transpose(0, 1).reshape(m * b, nt, -1),
                                         exp["predictor_out"])
-        full = torch.nn.functional.layer_norm(target.forward_features(x)["x_norm_patchtokens"], (target.embed_dim,))
+        full = torch.nn.functional.layer_norm(target.forward_features(x).patches, (target.embed_dim,))
         tt = torch.stack([full[i, tgt[j, i]] for j in range(m) for i in range(b)])  # row m*B + b
         checked["train_target"] = _max(tt, exp["train_target"])
     assert max(checked.values()) < ATOL, checked
@@ -209,7 +209,7 @@ def test_ijepa_target_encoder_context_encoder_and_predictor(tmp_path: Path) -> N
     state = {k: v for k, v in target.state_dict().items() if k != "pos_embed"}
     wrong.load_state_dict(state, strict=False)
     with torch.no_grad():
-        assert _max(wrong.forward_features(x)["x_norm_patchtokens"], exp["native_patch_target"]) > 0.5
+        assert _max(wrong.forward_features(x).patches, exp["native_patch_target"]) > 0.5
 
 
 def dataclasses_replace(cfg, **kw):  # noqa: ANN001, ANN201
@@ -242,8 +242,8 @@ def test_export_then_import_is_exact(tmp_path: Path, regs: int, ffn: str) -> Non
     for size in ((32, 32), (48, 24)):
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
-            assert torch.equal(vit.forward_features(x)["x_norm_patchtokens"],
-                               again.forward_features(x)["x_norm_patchtokens"])
+            assert torch.equal(vit.forward_features(x).patches,
+                               again.forward_features(x).patches)
     timm = export_state_dict(vit, "timm")
     assert "mask_token" not in timm and ("reg_token" in timm) == bool(regs)
     if ffn == "swiglu":
@@ -264,7 +264,7 @@ def test_dinov3_key_bias_mask_matters() -> None:
     model = VisionTransformer(imp.cfg).eval()
     model.load_state_dict(unmasked)
     with torch.no_grad():
-        assert _max(model.forward_features(inputs[tags["native"]])["x_norm_patchtokens"], exp["native_patch"]) > 1e-2
+        assert _max(model.forward_features(inputs[tags["native"]]).patches, exp["native_patch"]) > 1e-2
 
 
 def test_imported_folder_works_with_eval_all_and_rasa(tmp_path: Path) -> None:

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from fovea.config.loader import ConfigError, dump_yaml, load_config, preset_names
+from fovea.config.loader import dump_yaml, load_config, preset_names
+from fovea.errors import ConfigError
 from fovea.data.augment import CropsConfig, MultiCrop
 from fovea.data.loader import EpochBatchSampler
 from fovea.eval.features import pool_features
+from fovea.models.vit import Features
 from fovea.eval.knn import knn_accuracy, knn_classify
 from fovea.hub.backbone import export_backbone, load_backbone
 from fovea.models.vit import ViTConfig, VisionTransformer
-from fovea.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fovea.core.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 
 
 # --------------------------------------------------------------------------- k-NN
@@ -104,7 +106,7 @@ def test_pool_features_kinds():
     g = torch.Generator().manual_seed(0)
     cls = torch.randn(3, 6, generator=g) * 4
     patches = torch.randn(3, 5, 6, generator=g)
-    out = {"x_norm_clstoken": cls, "x_norm_patchtokens": patches}
+    out = Features(cls=cls, registers=patches[:, :0], patches=patches, prenorm=patches, masks=None)
     assert torch.equal(pool_features(out, "cls"), cls)
     mean = pool_features(out, "mean_patch")
     both = pool_features(out, "both")
@@ -352,6 +354,6 @@ def test_export_then_load_backbone(tmp_path):
         assert not loaded.training
         x = torch.randn(2, 3, 16, 16)
         with torch.no_grad():
-            assert torch.equal(m.forward_features(x)["x_norm_patchtokens"],
-                               loaded.forward_features(x)["x_norm_patchtokens"])
+            assert torch.equal(m.forward_features(x).patches,
+                               loaded.forward_features(x).patches)
             assert torch.equal(m(x), loaded(x))

@@ -112,25 +112,25 @@ def test_fold_equals_backbone_then_projection_and_survives_save_load(tmp_path: P
     x = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         a, b = m.forward_features(x), folded.forward_features(x)
-        ref = a["x_norm_patchtokens"] @ pm.float().T
-        assert torch.equal(a["x_norm_clstoken"], b["x_norm_clstoken"])
-        assert torch.equal(a["x_prenorm"], b["x_prenorm"])
-        assert torch.allclose(b["x_norm_patchtokens"], ref, atol=1e-5, rtol=0)
-        assert torch.equal(b["x_norm_patchtokens"], ref)  # same op on the same numbers: bitwise
+        ref = a.patches @ pm.float().T
+        assert torch.equal(a.cls, b.cls)
+        assert torch.equal(a.prenorm, b.prenorm)
+        assert torch.allclose(b.patches, ref, atol=1e-5, rtol=0)
+        assert torch.equal(b.patches, ref)  # same op on the same numbers: bitwise
         inter = folded.get_intermediate_layers(x, n=2, return_class_token=True)
         inter0 = m.get_intermediate_layers(x, n=2, return_class_token=True)
-        assert torch.equal(inter[1][0], b["x_norm_patchtokens"]) and torch.equal(inter[1][1], a["x_norm_clstoken"])
+        assert torch.equal(inter[1][0], b.patches) and torch.equal(inter[1][1], a.cls)
         assert torch.equal(inter[0][0], inter0[0][0])  # earlier block: no projection
         # folding twice composes: P2 @ P1
         p2 = torch.eye(D, dtype=torch.float64) * 0.5
         twice = fold_into_backbone(folded, p2)
-        assert torch.allclose(twice.forward_features(x)["x_norm_patchtokens"], ref * 0.5, atol=1e-5)
+        assert torch.allclose(twice.forward_features(x).patches, ref * 0.5, atol=1e-5)
     export_backbone(folded, tmp_path / "bb", extra={"crops": {"global_size": IMG}})
     loaded, meta = load_backbone(tmp_path / "bb")
     assert meta["model"]["patch_projection"] is True and loaded.patch_proj is not None
     assert state_dict_equal(loaded.state_dict(), folded.state_dict())
     with torch.no_grad():
-        assert torch.equal(loaded.forward_features(x)["x_norm_patchtokens"], b["x_norm_patchtokens"])
+        assert torch.equal(loaded.forward_features(x).patches, b.patches)
     with pytest.raises(ValueError, match="width"):
         fold_into_backbone(m, torch.eye(D + 1))
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fovea.config.loader import ConfigError, load_config
-from fovea.train.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, save_atomic
-from fovea.train.distributed import check_device
+from fovea.config.loader import load_config
+from fovea.errors import ConfigError
+from fovea.core.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, save_atomic
+from fovea.core.distributed import check_device
 from fovea.train.runfolder import RunFolderBusy, RunLock, load_resume_checkpoint, trajectory_diff
 
 TINY = [

@@ -12,7 +12,7 @@ from fovea.models.heads import DINOHead
 from fovea.models.vit import ViTConfig, VisionTransformer
 from fovea.train.loop import make_plan, step_values
 from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients, param_groups, scaled_lr
-from fovea.train.schedules import cosine_schedule, linear_warmup_constant
+from fovea.core.schedules import cosine_schedule, linear_warmup_constant
 
 
 # --------------------------------------------------------------------------- schedules

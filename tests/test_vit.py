@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fovea.models.vit import ARCHS, ViTConfig, VisionTransformer, drop_path
+from fovea.models.layers import drop_path
+from fovea.models.vit import ARCHS, ViTConfig, VisionTransformer
 
 D, P, IMG = 48, 4, 16
 GRID = IMG // P
@@ -141,20 +142,20 @@ def test_interpolate_ramp_along_x_stays_monotone():
 def test_forward_features_shapes_with_registers():
     m = tiny(num_register_tokens=3).eval()
     out = m.forward_features(torch.randn(2, 3, IMG, IMG))
-    assert tuple(out["x_norm_clstoken"].shape) == (2, D)
-    assert tuple(out["x_norm_regtokens"].shape) == (2, 3, D)
-    assert tuple(out["x_norm_patchtokens"].shape) == (2, GRID * GRID, D)
-    assert tuple(out["x_prenorm"].shape) == (2, 1 + 3 + GRID * GRID, D)
-    assert out["masks"] is None
-    assert torch.equal(m(torch.zeros(1, 3, IMG, IMG)), m.forward_features(torch.zeros(1, 3, IMG, IMG))["x_norm_clstoken"])
+    assert tuple(out.cls.shape) == (2, D)
+    assert tuple(out.registers.shape) == (2, 3, D)
+    assert tuple(out.patches.shape) == (2, GRID * GRID, D)
+    assert tuple(out.prenorm.shape) == (2, 1 + 3 + GRID * GRID, D)
+    assert out.masks is None
+    assert torch.equal(m(torch.zeros(1, 3, IMG, IMG)), m.forward_features(torch.zeros(1, 3, IMG, IMG)).cls)
 
 
 def test_forward_non_square_input():
     m = tiny(num_register_tokens=1).eval()
     out = m.forward_features(torch.randn(2, 3, 16, 8))
-    assert tuple(out["x_norm_patchtokens"].shape) == (2, 4 * 2, D)
+    assert tuple(out.patches.shape) == (2, 4 * 2, D)
     out = m.forward_features(torch.randn(1, 3, 12, 20))
-    assert tuple(out["x_norm_patchtokens"].shape) == (1, 3 * 5, D)
+    assert tuple(out.patches.shape) == (1, 3 * 5, D)
 
 
 @pytest.mark.parametrize("hw", [(15, 16), (16, 18), (10, 10)])
@@ -206,8 +207,8 @@ def test_all_false_mask_equals_no_mask():
     m = randomise(tiny()).eval()
     x = torch.randn(2, 3, IMG, IMG)
     with torch.no_grad():
-        a = m.forward_features(x, torch.zeros(2, GRID * GRID, dtype=torch.bool))["x_norm_patchtokens"]
-        b = m.forward_features(x)["x_norm_patchtokens"]
+        a = m.forward_features(x, torch.zeros(2, GRID * GRID, dtype=torch.bool)).patches
+        b = m.forward_features(x).patches
     assert torch.equal(a, b)
 
 
@@ -225,14 +226,14 @@ def test_forward_features_list_equals_separate_forward():
         refs = [m.forward_features(x, mk) for x, mk in zip(crops, masks)]
     assert len(outs) == 4
     for o, r in zip(outs, refs):
-        for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
-            assert o[key].shape == r[key].shape
-            assert torch.allclose(o[key], r[key], atol=1e-5), key
-    assert torch.equal(outs[0]["masks"], mask)
+        for key in ("cls", "registers", "patches", "prenorm"):
+            assert getattr(o, key).shape == getattr(r, key).shape
+            assert torch.allclose(getattr(o, key), getattr(r, key), atol=1e-5), key
+    assert torch.equal(outs[0].masks, mask)
     # The mask really changes the output of the masked crop.
     with torch.no_grad():
-        unmasked = m.forward_features(crops[0])["x_norm_clstoken"]
-    assert not torch.allclose(unmasked, outs[0]["x_norm_clstoken"], atol=1e-4)
+        unmasked = m.forward_features(crops[0]).cls
+    assert not torch.allclose(unmasked, outs[0].cls, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- intermediate layers
@@ -254,10 +255,10 @@ def test_get_intermediate_layers():
         shaped = m.get_intermediate_layers(x, n=1, reshape=True)
         pairs = m.get_intermediate_layers(x, n=[0, 2], return_class_token=True)
         raw = m.get_intermediate_layers(x, n=1, norm=False)
-    assert torch.allclose(last, ff["x_norm_patchtokens"], atol=1e-6)
+    assert torch.allclose(last, ff.patches, atol=1e-6)
     assert len(two) == 2
     assert torch.allclose(two[0], ref_mid, atol=1e-5)
-    assert torch.allclose(two[1], ff["x_norm_patchtokens"], atol=1e-6)
+    assert torch.allclose(two[1], ff.patches, atol=1e-6)
     assert torch.allclose(raw[0], per_block[-1][:, 3:], atol=1e-6)
     (img,) = shaped
     h, w = IMG // P, 8 // P
@@ -268,8 +269,8 @@ def test_get_intermediate_layers():
     assert len(pairs) == 2
     (p0, c0), (p2, c2) = pairs
     assert tuple(p0.shape) == (2, h * w, D) and tuple(c0.shape) == (2, D)
-    assert torch.allclose(c2, ff["x_norm_clstoken"], atol=1e-6)
-    assert torch.allclose(p2, ff["x_norm_patchtokens"], atol=1e-6)
+    assert torch.allclose(c2, ff.cls, atol=1e-6)
+    assert torch.allclose(p2, ff.patches, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- drop path

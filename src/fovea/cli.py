@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from fovea.config.loader import ConfigError, describe, load_config, load_tree, preset_names
+from fovea.config.loader import describe, load_config, load_tree, preset_names
+from fovea.errors import ConfigError
 from fovea.data.specs import parse_source_spec as _parse_source
 
 EPILOG_TRAIN = """\

@@ -17,10 +17,7 @@ from typing import Any
 import yaml
 
 from fovea.config.schema import RunConfig
-
-
-class ConfigError(ValueError):
-    """A bad key or value in a config file or override."""
+from fovea.errors import ConfigError
 
 
 def preset_names() -> list[str]:
@@ -172,13 +169,15 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | None =
 
 
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express: the shared ones here, the method's own from its
+    spec (``MethodSpec.check``). Raises :class:`ConfigError` with the first problem."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+    from fovea.methods.registry import METHODS, spec_for
     from fovea.models.vit import ARCHS
-    need(cfg.method in ("dino", "dinov2", "franca", "ijepa"),
-         f"method: unknown method {cfg.method!r}; available: dino, dinov2, franca, ijepa")
+    need(cfg.method in METHODS, f"method: unknown method {cfg.method!r}{_hint(cfg.method, list(METHODS))}; "
+         f"available: {', '.join(METHODS)}")
     for key, val, ok in (("model.ffn", cfg.model.ffn, ("mlp", "swiglu")),
                          ("model.drop_path_mode", cfg.model.drop_path_mode, ("plain", "efficient")),
                          ("model.packing", cfg.model.packing, ("auto", "packed", "unpacked")),
@@ -188,24 +187,13 @@ def validate(cfg: RunConfig) -> None:
                          ("ibot.mask_type", cfg.ibot.mask_type, ("block", "inverse_block", "cyclic")),
                          ("matryoshka.input", cfg.matryoshka.input, ("slice", "linear"))):
         need(val in ok, f"{key}: {val!r} not one of {', '.join(ok)}")
-    r = cfg.ibot.mask_ratio
-    need(len(r) == 2 and 0 <= r[0] <= r[1] <= 1, f"ibot.mask_ratio must be [low, high] within [0, 1], got {r}")
-    need(0 <= cfg.ibot.mask_prob <= 1, f"ibot.mask_prob must be within [0, 1], got {cfg.ibot.mask_prob}")
     need(0 <= cfg.model.drop_path_rate < 1, f"model.drop_path_rate must be within [0, 1), got {cfg.model.drop_path_rate}")
-    need(cfg.highres.steps >= 0, "highres.steps must be >= 0")
-    mw = cfg.matryoshka.widths
-    need(all(w > 0 for w in mw), f"matryoshka.widths must be positive, got {mw}")
-    need(not cfg.matryoshka.loss_weights or len(cfg.matryoshka.loss_weights) == (len(set(mw)) or 5),
-         f"matryoshka.loss_weights: one weight per level ({len(set(mw)) or 5}), got {cfg.matryoshka.loss_weights}")
     need(all(w > 0 for w in cfg.eval.knn.widths), f"eval.knn.widths must be positive, got {cfg.eval.knn.widths}")
     need(cfg.model.arch in ARCHS, f"model.arch: unknown {cfg.model.arch!r}{_hint(cfg.model.arch, list(ARCHS))}; "
          f"choose one of {', '.join(ARCHS)}")
     p = cfg.model.patch_size
     need(p > 0, "model.patch_size must be > 0")
-    sizes = [("crops.global_size", cfg.crops.global_size), ("highres.global_size", cfg.highres.global_size or p)]
-    if cfg.method != "ijepa":  # I-JEPA uses one view (crops.global_size) and no local crops
-        sizes += [("crops.local_size", cfg.crops.local_size), ("highres.local_size", cfg.highres.local_size or p)]
-    for key, size in sizes:
+    for key, size in (("crops.global_size", cfg.crops.global_size), ("highres.global_size", cfg.highres.global_size or p)):
         need(size > 0 and size % p == 0, f"{key}={size} must be a positive multiple of model.patch_size={p}")
     need(cfg.model.img_size % p == 0, f"model.img_size={cfg.model.img_size} must be a multiple of patch_size={p}")
     need(cfg.data.batch_size > 0, "data.batch_size must be > 0")
@@ -228,30 +216,23 @@ def validate(cfg: RunConfig) -> None:
         need(len(v) == 2 and 0 < v[0] <= v[1], f"crops.{key} must be [low, high] with 0 < low <= high, got {v}")
     need(len(cfg.crops.blur_p) == 3, "crops.blur_p must list 3 probabilities (global 1, global 2, locals)")
     need(len(cfg.crops.color_jitter) == 4, "crops.color_jitter must be [brightness, contrast, saturation, hue]")
-    need(cfg.dino.out_dim >= 0 and cfg.dino.student_temp > 0 and cfg.dino.teacher_temp > 0,
-         "dino.out_dim must be >= 0 (0 = auto); dino.student_temp and dino.teacher_temp > 0")
     need(0 <= cfg.optim.momentum_teacher <= 1 and 0 <= cfg.optim.momentum_teacher_end <= 1,
          "optim.momentum_teacher(_end) must be within [0, 1]")
-    from fovea.eval.report import PROTOCOLS
-    bad = [p for p in cfg.eval.final if p not in PROTOCOLS or p in ("ood", "seg")]
-    need(not bad, f"eval.final: {bad} not among knn, linear, logreg, fewshot, pictures")
+    from fovea.eval.protocols import FINAL_PROTOCOLS
+    bad = [p for p in cfg.eval.final if p not in FINAL_PROTOCOLS]
+    need(not bad, f"eval.final: {bad} not among {', '.join(FINAL_PROTOCOLS)}")
     need(cfg.optim.momentum_schedule in ("cosine", "linear"),
          f"optim.momentum_schedule: {cfg.optim.momentum_schedule!r} not cosine/linear")
-    need(cfg.model.cls_token or cfg.method != "dino", "model.cls_token=false: DINO needs the CLS token (I-JEPA does not)")
     need(cfg.model.pos_embed in ("learned", "sincos", "rope"),
          f"model.pos_embed: {cfg.model.pos_embed!r} not learned/sincos/rope")
     need(cfg.model.sincos_layout in ("col_row", "row_col"),
          f"model.sincos_layout: {cfg.model.sincos_layout!r} not col_row/row_col")
-    j = cfg.ijepa
-    for key in ("target_scale", "target_aspect", "context_scale", "context_aspect", "crop_scale"):
-        v = getattr(j, key)
-        need(len(v) == 2 and 0 < v[0] <= v[1], f"ijepa.{key} must be [low, high] with 0 < low <= high, got {v}")
-    need(j.num_targets >= 1 and j.min_context >= 1, "ijepa.num_targets and ijepa.min_context must be >= 1")
-    need(j.equalize in ("pad", "subsample"), f"ijepa.equalize: {j.equalize!r} not pad/subsample")
-    need(j.loss in ("l2", "smooth_l1"), f"ijepa.loss: {j.loss!r} not l2/smooth_l1")
-    need(j.pred_dim > 0 and j.pred_depth > 0 and j.pred_heads >= 0, "ijepa.pred_dim/pred_depth must be > 0")
+    need(cfg.ijepa.equalize in ("pad", "subsample"), f"ijepa.equalize: {cfg.ijepa.equalize!r} not pad/subsample")
+    need(cfg.ijepa.loss in ("l2", "smooth_l1"), f"ijepa.loss: {cfg.ijepa.loss!r} not l2/smooth_l1")
     need(cfg.data.train.kind in ("fmnist", "parquet", "folder"),
          f"data.train.kind: {cfg.data.train.kind!r} not one of fmnist, parquet, folder")
+    problems = spec_for(cfg.method).check(cfg)
+    need(not problems, "; ".join(problems))
 
 
 def to_dict(cfg: Any) -> Any:

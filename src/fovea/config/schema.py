@@ -70,6 +70,18 @@ class KoLeoConfig:
 
 
 @dataclass
+class GramConfig:
+    """Gram anchoring (the ``gram`` section, DINOv3, METHODS.md section 5b)."""
+
+    enabled: bool = False  # add the Gram term: student patch similarities vs a frozen snapshot of the EMA teacher
+    weight: float = 2.0  # weight of the term from gram.start on (0 before it)
+    highres_weight: float = 0.0  # weight in the high-resolution phase; 0 = gram.weight (DINOv3: 1.5)
+    start: int = 0  # step at which the Gram teacher is first taken from the EMA teacher and the term starts
+    refresh_every: int = 10000  # the Gram teacher is re-taken from the EMA teacher every N steps after gram.start (0 = never)
+    teacher_size: int = 0  # the Gram teacher's own global-crop size (same boxes, larger; DINOv3: 2x); 0 = the student's crops
+
+
+@dataclass
 class HighResConfig:
     """High-resolution phase at the end of training (the ``highres`` section, DINOv2 adaptation)."""
 
@@ -182,7 +194,7 @@ class TrainConfig:
 class RunConfig:
     """A whole run: method, model, data, optimisation, evaluation."""
 
-    method: str = "dino"  # dino | dinov2 | franca (one self-distillation family; the ibot/koleo/centering/matryoshka keys select parts) | ijepa
+    method: str = "dino"  # dino | dinov2 | franca | dinov3 (one self-distillation family; the ibot/koleo/centering/matryoshka/gram keys select parts) | ijepa
     name: str = ""  # preset or experiment name (used in the default output_dir)
     description: str = ""  # one line shown by `fovea presets`
     output_dir: str = ""  # run folder; "" = runs/<name>
@@ -192,6 +204,7 @@ class RunConfig:
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
     koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
     highres: HighResConfig = field(default_factory=HighResConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -71,18 +71,26 @@ def _pipeline(cfg: CropsConfig, size: int, scale: list[float], blur_p: float, so
 
 
 class MultiCrop:
-    """Image HxWx3 uint8 -> [global1, global2, local1..localL] uint8 tensors [3, S, S]."""
+    """Image HxWx3 uint8 -> [global1, global2, local1..localL] uint8 tensors [3, S, S].
 
-    def __init__(self, cfg: CropsConfig) -> None:
+    ``extra_global_size`` > 0 appends the two global crops again at that size: the same boxes, flips and
+    colour operations (the pipelines draw the same random numbers from the same seeds), only resized to
+    another size, e.g. the larger input of DINOv3's Gram teacher.
+    """
+
+    def __init__(self, cfg: CropsConfig, extra_global_size: int = 0) -> None:
         self.cfg = cfg
         bp = cfg.effective_blur_p()
         self.global1 = _pipeline(cfg, cfg.global_size, cfg.global_scale, bp[0], 0.0)
         self.global2 = _pipeline(cfg, cfg.global_size, cfg.global_scale, bp[1], cfg.solarize_p)
         self.local = _pipeline(cfg, cfg.local_size, cfg.local_scale, bp[2], 0.0) if cfg.n_local else None
+        self.extra = ((_pipeline(cfg, extra_global_size, cfg.global_scale, bp[0], 0.0),
+                       _pipeline(cfg, extra_global_size, cfg.global_scale, bp[1], cfg.solarize_p))
+                      if extra_global_size else ())
 
     @property
     def n_crops(self) -> int:
-        return 2 + self.cfg.n_local
+        return 2 + self.cfg.n_local + len(self.extra)
 
     def __call__(self, img: np.ndarray, seed: int) -> list[Tensor]:
         out = []
@@ -92,6 +100,9 @@ class MultiCrop:
         if self.local is not None:
             self.local.set_random_seed(seed * 4 + 2)
             out.extend(self.local(image=img)["image"] for _ in range(self.cfg.n_local))
+        for k, pipe in enumerate(self.extra):
+            pipe.set_random_seed(seed * 4 + k)
+            out.append(pipe(image=img)["image"])
         return [torch.from_numpy(np.ascontiguousarray(o.transpose(2, 0, 1))) for o in out]
 
 

@@ -23,7 +23,7 @@ from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from fovea.data.loader import EvalDataset, make_eval_loader
 from fovea.data.sources import ImageSource
 from fovea.models.vit import VisionTransformer
-from fovea.train.checkpoint import save_atomic
+from fovea.core.checkpoint import save_atomic
 
 BANK_KINDS = ("cls", "mean_patch", "both", "cls_last4", "cls_last4_mean", "registers")
 

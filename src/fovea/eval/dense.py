@@ -62,7 +62,7 @@ def extract_dense(backbone: VisionTransformer, source: SegPairSource, size: int,
             imgs.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC))
             ms.append(cv2.resize(m.astype(np.int32), (size, size), interpolation=cv2.INTER_NEAREST))
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous().to(device)
-        out = backbone.forward_features(normalize(x, list(mean), list(std)))["x_norm_patchtokens"]
+        out = backbone.forward_features(normalize(x, list(mean), list(std))).patches
         feats.append(out.float().cpu().reshape(len(imgs), size // p, size // p, -1))
         masks.append(torch.from_numpy(np.stack(ms)).long())
     return torch.cat(feats), torch.cat(masks)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from fovea.data.loader import EvalDataset, make_eval_loader
 from fovea.data.sources import ImageSource
-from fovea.models.vit import VisionTransformer
+from fovea.models.vit import Features, VisionTransformer
 
 FEATURE_KINDS = ("cls", "mean_patch", "both")
 
@@ -25,9 +25,9 @@ def available_kinds(backbone: VisionTransformer, kinds: list[str]) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def pool_features(out: dict, kind: str) -> Tensor:
-    """Backbone output dict -> [B, D] (cls, mean_patch) or [B, 2D] (both: each part L2-normalised)."""
-    cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"]
+def pool_features(out: Features, kind: str) -> Tensor:
+    """Backbone features -> [B, D] (cls, mean_patch) or [B, 2D] (both: each part L2-normalised)."""
+    cls, patches = out.cls, out.patches
     if cls is None and kind in ("cls", "both"):
         raise ValueError(f"feature kind {kind!r} needs a CLS token; this backbone has none (use mean_patch)")
     if kind == "cls":

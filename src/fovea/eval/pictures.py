@@ -122,7 +122,7 @@ def make_pictures(backbone: VisionTransformer, source: ImageSource, out_dir: str
     raw = torch.stack(imgs)  # uint8 [B, 3, S, S]
     x = normalize(raw.to(device), list(mean), list(std))
     p = backbone.patch_size
-    patches = backbone.forward_features(x)["x_norm_patchtokens"].float().cpu()
+    patches = backbone.forward_features(x).patches.float().cpu()
     patches = patches.reshape(len(idx), size // p, size // p, -1)
     shown = _upsample(raw.float() / 255, display, "bilinear").permute(0, 2, 3, 1)
     pc_fg = _upsample(pca_rgb(patches, True).permute(0, 3, 1, 2), display).permute(0, 2, 3, 1)

@@ -8,12 +8,10 @@ import json
 import time
 from pathlib import Path
 
+from fovea.eval.protocols import DEFAULT_PROTOCOLS, PROTOCOLS
 from fovea.eval.suite import Suite
 
-#: protocols of `fovea eval all`, in the order they run
-PROTOCOLS = ("knn", "linear", "logreg", "fewshot", "ood", "seg", "pictures")
-#: what `fovea eval all` runs by default (ood and seg need extra data and are added when given)
-DEFAULT_PROTOCOLS = ("knn", "linear", "logreg", "fewshot", "pictures")
+__all__ = ["DEFAULT_PROTOCOLS", "PROTOCOLS", "headline", "run_final_eval"]
 
 
 def headline(results: dict) -> dict[str, float]:
@@ -123,7 +121,7 @@ def run_report(suite: Suite, protocols: list[str], out_dir: str | Path | None = 
     (out / "report.md").write_text(render_markdown(results, meta))
     scalars = headline(results)
     if scalars and log_step is not None:
-        from fovea.train.logging import MetricLogger
+        from fovea.core.logging import MetricLogger
         logger = MetricLogger(suite.run_dir)
         logger.log(log_step, scalars)
         logger.close()

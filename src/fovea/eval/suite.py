@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fovea.config.loader import ConfigError, build_section
+from fovea.config.loader import build_section
+from fovea.errors import ConfigError
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fovea.data.sources import SourceConfig, build_source
 from fovea.eval.bank import FeatureBank, cache_key, cached_bank, extract_bank

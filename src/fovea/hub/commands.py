@@ -34,7 +34,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fovea.hub.backbone import load_backbone
     from fovea.hub.released import export_state_dict
-    from fovea.train.checkpoint import save_atomic
+    from fovea.core.checkpoint import save_atomic
 
     backbone, _ = load_backbone(args.run, which=args.which)
     sd = export_state_dict(backbone, args.format)
@@ -58,7 +58,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from fovea.data.sources import SourceConfig, build_source
     from fovea.eval.embed import embed
     from fovea.hub.backbone import load_backbone
-    from fovea.train.distributed import check_device
+    from fovea.core.distributed import check_device
 
     backbone, meta = load_backbone(args.model, which=args.which)
     crops = meta.get("crops", {}) or {}

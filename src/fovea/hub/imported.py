@@ -10,7 +10,7 @@ from torch import Tensor
 from fovea.hub.backbone import export_backbone
 from fovea.hub.released import IMAGENET_MEAN, IMAGENET_STD, Imported, ReleasedFileError, build_predictor
 from fovea.models.vit import VisionTransformer
-from fovea.train.checkpoint import public_mode
+from fovea.core.checkpoint import public_mode
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fovea.models.vit import ARCHS, ViTConfig, swiglu_hidden
-from fovea.train.checkpoint import load_checkpoint
+from fovea.models.layers import swiglu_hidden
+from fovea.models.vit import ARCHS, ViTConfig
+from fovea.core.checkpoint import load_checkpoint
 
 HEAD_DIM = {"dinov2": 64, "franca": 64, "dino": 64, "dinov3": 64, "ijepa": 80}  # released head widths (I-JEPA ViT-H: 80)
 
@@ -241,7 +242,7 @@ def _read_released(path: str | Path, source: str, arch: str | None, num_heads: i
 
 def _sincos_layout(table: Tensor, grid: int, what: str, notes: list[str]) -> str:
     """The layout (col_row / row_col) whose table equals a stored fixed sin-cos table [N, D]."""
-    from fovea.models.vit import sincos_pos_embed_2d
+    from fovea.models.layers import sincos_pos_embed_2d
     for layout in ("col_row", "row_col"):
         diff = float((sincos_pos_embed_2d(int(table.shape[-1]), grid, grid, layout) - table.float()).abs().max())
         if diff < 1e-5:

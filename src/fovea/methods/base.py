@@ -1,30 +1,37 @@
-"""What the training loop needs from a method."""
+"""What the training loop needs from a method: :class:`Method` and the per-step :class:`StepValues`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from fovea.config.schema import RunConfig
+from fovea.core.plan import Plan
+from fovea.core.schedules import auto_momentum, ema_momentum
+from fovea.data.loader import EpochBatchSampler
+
 
 @dataclass
 class StepValues:
-    """Scheduled values for one iteration, computed by the loop."""
+    """Scheduled values for one iteration. The loop computes the optimizer's (lr, weight decay); the
+    method's own values (teacher momentum, temperatures, loss weights ...) come from its spec's
+    ``schedule`` and are in ``sched`` (all of them are logged)."""
 
     step: int
     epoch: float
     lr: float
     weight_decay: float
-    momentum: float
-    teacher_temp: float
-    freeze_last_layer: bool
+    sched: dict[str, float] = field(default_factory=dict)
+    heads_only: bool = False  # head warm-up of continued pretraining: only fresh heads learn, teacher = student
 
 
 class Method(nn.Module):
-    """A method turns a batch into named losses and updates its teacher; it does not own the loop.
+    """A method turns a batch into named losses and keeps its teachers; it does not own the loop.
 
     Subclasses define ``student`` (the trained module, possibly wrapped in DDP by the loop),
-    ``training_step``, ``update_teacher`` and ``eval_backbone``.
+    ``training_step``, ``after_step`` and ``eval_backbone``; ``after_backward`` may edit gradients.
     """
 
     student: nn.Module
@@ -41,14 +48,16 @@ class Method(nn.Module):
     def student_fwd(self) -> nn.Module:
         return self.__dict__["_student_fwd"] or self.student
 
-    def training_step(self, batch: dict, sv: StepValues) -> tuple[Tensor, dict[str, float]]:
+    def training_step(self, batch: dict, sv: StepValues) -> tuple[Tensor, dict[str, Tensor]]:
         """Return (total loss to back-propagate, scalars to log)."""
         raise NotImplementedError
 
+    def after_backward(self, sv: StepValues) -> None:
+        """Called between the backward and the gradient clipping (e.g. drop the prototypes' gradients)."""
+
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA update of the teacher after an optimizer step."""
-        raise NotImplementedError
+    def after_step(self, sv: StepValues) -> None:
+        """Called after each optimizer step: EMA teachers, snapshots."""
 
     def eval_backbone(self) -> nn.Module:
         """The backbone to evaluate/export (the teacher's, for self-distillation)."""
@@ -62,6 +71,28 @@ class Method(nn.Module):
         own = [p for p in self.student.parameters(recurse=False) if p.requires_grad]
         return [g for g in groups + [own] if g]
 
-    def last_layer_params(self) -> list[nn.Parameter]:
-        """Parameters frozen during the 'freeze last layer' phase."""
-        return []
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same order)."""
+    s = [p.detach() for p in student.parameters()]
+    t = list(teacher.parameters())
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def ema_schedule_value(cfg: RunConfig, plan: Plan, step: int) -> float:
+    """The teacher EMA momentum at ``step``: ``optim.momentum_teacher`` -> ``optim.momentum_teacher_end``
+    over the run, cosine (DINO) or linear (I-JEPA) by ``optim.momentum_schedule``."""
+    o = cfg.optim
+    return ema_momentum(step, plan.total_steps, o.momentum_teacher, o.momentum_teacher_end, o.momentum_schedule)
+
+
+def resolve_momentum(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
+    """``optim.momentum_teacher=0`` (auto) -> :func:`~fovea.core.schedules.auto_momentum` of the run length."""
+    if cfg.optim.momentum_teacher != 0:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    spe = max(EpochBatchSampler.steps_per_epoch(n_images, cfg.data.batch_size, world), 1)
+    cfg.optim.momentum_teacher = auto_momentum(cfg.optim.max_steps or round(cfg.optim.epochs * spe))
+    return cfg

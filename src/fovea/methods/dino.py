@@ -1,24 +1,25 @@
-"""The self-distillation family: DINO, iBOT, DINOv2 as one method whose config selects parts.
+"""The self-distillation family: DINO, iBOT, DINOv2, Franca and DINOv3's Gram anchoring as one method whose
+config selects the parts (METHODS.md 0-5b).
 
-DINO (METHODS.md 0-1): EMA teacher, centred and sharpened CLS targets, multi-crop. Switched on by
-config: ``ibot.enabled`` (masked-patch loss, section 2), ``dino.centering=sinkhorn`` /
-``ibot.centering`` (Sinkhorn-Knopp targets), ``koleo.weight`` (KoLeo on the student's backbone CLS), ``matryoshka.enabled`` (nested heads, Franca section 4).
-``method: dinov2`` / ``franca`` are the same class; the names only label presets that switch these parts on.
+The step computes the teacher's and the student's :class:`~fovea.methods.terms.Outputs` once, then sums
+the enabled terms of :mod:`fovea.methods.terms` (``dino``, ``ibot``, ``koleo``, ``gram``), each a small
+module returning (loss, logs). Every head returns a list of levels (one level without Matryoshka).
+``method: dinov2`` / ``franca`` / ``dinov3`` are the same class; the names label presets. The spec
+(data pipeline, schedules, checks, benchmark hooks) is in :mod:`fovea.methods.dino_spec`.
 """
 from __future__ import annotations
 
 import copy
+import re
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fovea.config.schema import RunConfig
 from fovea.data.augment import normalize
-from fovea.losses.dino import DINOLoss, cross_view_loss
-from fovea.losses.ibot import ibot_patch_loss, masked_patch_weights
-from fovea.losses.koleo import koleo_loss
-from fovea.losses.sinkhorn import sinkhorn_knopp
-from fovea.methods.base import Method, StepValues
+from fovea.methods.base import Method, StepValues, ema_update
+from fovea.methods.terms import TERMS, Outputs, Parts, StepInput
 from fovea.models.heads import DINOHead
 from fovea.models.matryoshka import MatryoshkaHead, nesting_widths
 from fovea.models.vit import VisionTransformer
@@ -27,12 +28,12 @@ from fovea.models.vit import VisionTransformer
 class Student(nn.Module):
     """Backbone + DINO head (+ iBOT patch head). Also the teacher's architecture.
 
-    ``forward(crops)`` -> (CLS logits [n_crops*B, K], CLS [n_crops*B, D]);
-    ``forward(crops, masks, select)`` -> the same plus patch logits [M, K_p] (M = select.sum()). ``masks`` (bool [2B, Np]) replaces the global crops' masked patches
-    by the mask token (student); ``select`` (bool [2B, Np]) picks the global-crop patch tokens sent to
-    the patch head (student: its masked patches; teacher: the same positions of its unmasked crops).
-    ``patch_head`` is ``head`` itself when the head is shared. With Matryoshka heads every logits
-    output is a list of per-level logits (narrowest level first) instead of one tensor.
+    ``forward(crops, masks, select)`` -> (CLS logits per level [n_crops*B, K_m], backbone CLS [n_crops*B, D],
+    patch logits per level [M, K_p] or None, backbone patch tokens of the 2 global crops [2B, Np, D]).
+    ``masks`` (bool [2B, Np]) replaces the global crops' masked patches by the mask token (student);
+    ``select`` (bool [2B, Np]) picks the global-crop patch tokens sent to the patch head (student: its masked
+    patches; teacher: the same positions of its unmasked crops); M = select.sum(). ``patch_head`` is
+    ``head`` itself when the head is shared.
     """
 
     def __init__(self, backbone: VisionTransformer, head: nn.Module, patch_head: nn.Module | None = None,
@@ -44,55 +45,43 @@ class Student(nn.Module):
         self.shared_head = shared_head
 
     def forward(self, crops: list[Tensor], masks: Tensor | None = None, select: Tensor | None = None
-                ) -> tuple[Tensor, ...]:
+                ) -> tuple[list[Tensor], Tensor, list[Tensor] | None, Tensor]:
         b = crops[0].shape[0]
         in_masks = None if masks is None else [masks[:b], masks[b:2 * b]] + [None] * (len(crops) - 2)
         outs = self.backbone.forward_features_list(crops, in_masks)
-        cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # type: ignore[misc]
+        cls = torch.cat([o.cls for o in outs if o.cls is not None])
         logits = self.head(cls)
+        patches = torch.cat([outs[0].patches, outs[1].patches])
         head_p = self.head if self.shared_head else self.patch_head
         if select is None or head_p is None:
-            return logits, cls
-        patches = torch.cat([outs[0]["x_norm_patchtokens"], outs[1]["x_norm_patchtokens"]])  # type: ignore[list-item]
+            return logits, cls, None, patches
         if bool(select.any()):
-            return logits, cls, head_p(patches[select])
+            return logits, cls, head_p(patches[select]), patches
         # no masked patch on this rank: keep the patch head in the graph (zero gradients, DDP-safe)
-        empty = head_p(patches[:1, 0])
-        return logits, cls, [e[:0] for e in empty] if isinstance(empty, list) else empty[:0]
+        return logits, cls, [e[:0] for e in head_p(patches[:1, 0])], patches
 
 
-def as_levels(x: Tensor | list[Tensor]) -> list[Tensor]:
-    """Head output -> list of per-level logits (a plain head is one level)."""
-    return x if isinstance(x, list) else [x]
-
-
-def collapse_stats(p_t: Tensor) -> dict[str, Tensor]:
-    """Collapse diagnostics of teacher probabilities [N, K].
-
-    ``teacher_entropy`` (mean per-sample entropy) near ln K means uniform collapse;
-    ``teacher_batch_entropy`` (entropy of the batch-mean distribution) near 0 means all samples
-    pick one prototype. Healthy training keeps the first well below and the second near ln K.
-    """
-    ent = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean()
-    mean = p_t.mean(0)
-    return {"diag/teacher_entropy": ent, "diag/teacher_batch_entropy": -(mean * mean.clamp_min(1e-12).log()).sum()}
+_LEGACY = ((re.compile(r"^loss_fn\.center$"), "terms.dino.levels.0.center"),
+           (re.compile(r"^loss_fn\.(\d+)\.center$"), r"terms.dino.levels.\1.center"),
+           (re.compile(r"^patch_loss_fn\.center$"), "terms.ibot.levels.0.center"),
+           (re.compile(r"^patch_loss_fn\.(\d+)\.center$"), r"terms.ibot.levels.\1.center"))
 
 
 class DINO(Method):
-    """Self-distillation method (DINO / iBOT / DINOv2 parts by config).
+    """Self-distillation method (DINO / iBOT / DINOv2 / Franca / DINOv3 parts by config).
 
     A batch is ``{"crops": [global1, global2, local...]}`` of uint8 [B,3,S,S], plus ``"masks"`` bool
-    [2B, Np] (global crop 1 rows, then global crop 2) when ``ibot.enabled``.
+    [2B, Np] (global crop 1 rows, then global crop 2) when ``ibot.enabled``, and the Gram teacher's two
+    larger global crops at the end of ``crops`` when ``gram.teacher_size`` is set.
     """
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         self.cfg = cfg
         backbone = VisionTransformer(cfg.model)
-        d = cfg.dino
+        d, ib, mt = cfg.dino, cfg.ibot, cfg.matryoshka
         if d.out_dim <= 0:
-            raise ValueError("dino.out_dim=0 (auto) must be resolved first: fovea.train.loop.resolve_auto(cfg, ...)")
-        ib, mt = cfg.ibot, cfg.matryoshka
+            raise ValueError("dino.out_dim=0 (auto) must be resolved first (fovea.methods.dino_spec.resolve)")
         self.widths = nesting_widths(backbone.embed_dim, mt.widths) if mt.enabled else [backbone.embed_dim]
 
         def make_head(k: int, hidden: int, bottleneck: int) -> nn.Module:
@@ -116,24 +105,23 @@ class DINO(Method):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        k_patch = (ib.out_dim or d.out_dim) if ib.separate_head else d.out_dim
-        # One loss (EMA centre) per level; a plain head keeps the single DINOLoss (same state_dict names).
-        self.loss_fn = self._losses(head, d.out_dim, d.center_momentum)
-        self.patch_loss_fn = self._losses(patch_head or head, k_patch, ib.center_momentum) if ib.enabled else None
-        self.patch_centering = d.centering if ib.centering == "same" else ib.centering
-        self.level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(self.widths)
-        if len(self.level_weights) != len(self.widths):
-            raise ValueError(f"matryoshka.loss_weights: {len(self.level_weights)} weights for {len(self.widths)} "
+        level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(self.widths)
+        if len(level_weights) != len(self.widths):
+            raise ValueError(f"matryoshka.loss_weights: {len(level_weights)} weights for {len(self.widths)} "
                              f"levels {self.widths}")
-
-    def _losses(self, head: nn.Module, k: int, momentum: float) -> nn.Module:
-        if isinstance(head, MatryoshkaHead):
-            return nn.ModuleList(DINOLoss(km, self.cfg.dino.student_temp, momentum) for km in head.out_dims)
-        return DINOLoss(k, self.cfg.dino.student_temp, momentum)
+        parts = Parts(cfg, self.widths, level_weights, head.out_dims, (patch_head or head).out_dims,
+                      self.teacher.backbone)
+        self.terms = nn.ModuleDict({t.name: t(parts) for t in TERMS if t.enabled(cfg)})
+        self.register_load_state_dict_pre_hook(self._legacy_keys)
 
     @staticmethod
-    def _level_losses(fn: nn.Module) -> list[DINOLoss]:
-        return list(fn) if isinstance(fn, nn.ModuleList) else [fn]  # type: ignore[list-item]
+    def _legacy_keys(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints written before the terms had their own modules kept the centres as ``loss_fn.*``."""
+        for key in [k for k in state if k.startswith(prefix)]:
+            rel = key[len(prefix):]
+            for pat, new in _LEGACY:
+                if pat.match(rel):
+                    state[prefix + pat.sub(new, rel)] = state.pop(key)
 
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
@@ -144,79 +132,47 @@ class DINO(Method):
                 m.train(mode)                                # DINO (running stats are not EMA'd)
         return self
 
-    def teacher_targets(self, logits: Tensor, loss_fn: DINOLoss, centering: str, temp: float,
-                        n_total: Tensor | None = None) -> Tensor:
-        """Teacher probabilities [N, K]: EMA-centred softmax, or Sinkhorn-Knopp over all ranks."""
-        if centering == "sinkhorn":
-            return sinkhorn_knopp(logits, temp, self.cfg.dino.sinkhorn_iters, n_total)
-        return loss_fn.teacher_probs(logits, temp)
-
-    def training_step(self, batch: dict, sv: StepValues) -> tuple[Tensor, dict[str, float]]:
-        cfg, c = self.cfg, self.cfg.crops
+    def step_input(self, batch: dict) -> StepInput:
+        """Normalised crops (and the Gram teacher's larger crops, when the data pipeline adds them)."""
+        c = self.cfg.crops
         crops = [normalize(x, c.mean, c.std) for x in batch["crops"]]
-        masks = batch.get("masks") if self.patch_loss_fn is not None else None
+        gram = None
+        if "gram" in self.terms and self.cfg.gram.teacher_size:
+            crops, gram = crops[:-2], crops[-2:]
+        return StepInput(crops, batch.get("masks") if "ibot" in self.terms else None, gram)
+
+    def training_step(self, batch: dict, sv: StepValues) -> tuple[Tensor, dict[str, Tensor]]:
+        x = self.step_input(batch)
         with torch.no_grad():
-            t_logits, _, *t_patch = self.teacher(crops[:2], None, masks)
-        s_logits, s_cls, *s_patch = self.student_fwd(crops, masks, masks)
-        multi = len(self.widths) > 1  # Matryoshka: one loss per nesting level, weighted sum (METHODS.md 4)
-        logs: dict = {}
-        loss_dino = s_cls.new_zeros((), dtype=torch.float32)
-        for m, (fn, t_l, s_l) in enumerate(zip(self._level_losses(self.loss_fn), as_levels(t_logits),
-                                               as_levels(s_logits))):
-            p_t = self.teacher_targets(t_l, fn, cfg.dino.centering, sv.teacher_temp)
-            l_m = cross_view_loss(s_l, p_t, 2, cfg.dino.student_temp)
-            loss_dino = loss_dino + self.level_weights[m] * l_m
-            if multi:
-                logs[f"loss/dino@{self.widths[m]}"] = l_m.detach()
-            if m == len(self.widths) - 1:  # collapse diagnostics of the full-width level
-                logs.update(collapse_stats(p_t.detach()))
-            if cfg.dino.centering == "ema":
-                fn.update_center(t_l)  # after the loss: the centre is used from the next step
-        logs["loss/dino"] = loss_dino.detach()
-        loss = cfg.dino.loss_weight * loss_dino
-        if self.patch_loss_fn is not None and masks is not None:
-            s_patch, t_patch = s_patch[0], t_patch[0]
-            n_masked = masks.sum().float()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(n_masked)
-            weights = masked_patch_weights(masks)
-            loss_ibot = loss.new_zeros(())
-            for m, (fn, t_l, s_l) in enumerate(zip(self._level_losses(self.patch_loss_fn), as_levels(t_patch),
-                                                   as_levels(s_patch))):
-                p_patch = self.teacher_targets(t_l, fn, self.patch_centering, sv.teacher_temp, n_masked)
-                l_m = ibot_patch_loss(s_l, p_patch, weights, masks.shape[0], cfg.dino.student_temp)
-                loss_ibot = loss_ibot + self.level_weights[m] * l_m
-                if multi:
-                    logs[f"loss/ibot@{self.widths[m]}"] = l_m.detach()
-                if self.patch_centering == "ema":
-                    fn.update_center(t_l)
-            loss = loss + cfg.ibot.loss_weight * loss_ibot
-            logs["loss/ibot"] = loss_ibot.detach()
-            logs["masked_fraction"] = masks.float().mean()
-        if cfg.koleo.weight > 0:
-            loss_koleo = sum(koleo_loss(x) for x in s_cls[:2 * crops[0].shape[0]].chunk(2))
-            loss = loss + cfg.koleo.weight * loss_koleo
-            logs["loss/koleo"] = loss_koleo.detach()  # type: ignore[union-attr]
+            t = Outputs(*self.teacher(x.crops[:2], None, x.masks))
+        s = Outputs(*self.student_fwd(x.crops, x.masks, x.masks))
+        logs: dict[str, Tensor] = {}
+        loss: Tensor | None = None
+        for name, term in self.terms.items():
+            value, term_logs = term(s, t, x, sv)
+            logs.update(term_logs)
+            logs[f"loss/{name}"] = value.detach()
+            weighted = term.weight(sv) * value
+            loss = weighted if loss is None else loss + weighted
+        assert loss is not None  # the dino term is always on
         logs["loss/total"] = loss.detach()
         return loss, logs
 
+    def after_backward(self, sv: StepValues) -> None:
+        if sv.sched.get("freeze_last_layer"):  # the prototypes get no update in the first epoch(s)
+            for p in self.last_layer_params():
+                p.grad = None
+
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        s = [p.detach() for p in self.student.parameters()]
-        t = list(self.teacher.parameters())
-        torch._foreach_mul_(t, momentum)
-        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+    def after_step(self, sv: StepValues) -> None:
+        # head warm-up (continued pretraining): the teacher is the student
+        ema_update(self.teacher, self.student, 0.0 if sv.heads_only else sv.sched["momentum"])
+        for term in self.terms.values():
+            term.after_step(self.teacher.backbone, sv)
 
     def eval_backbone(self) -> VisionTransformer:
         return self.teacher.backbone
 
     def last_layer_params(self) -> list[nn.Parameter]:
         heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])
-        layers = [m for h in heads for m in (h.last_layer_modules if isinstance(h, MatryoshkaHead) else [h.last_layer])]
-        return [p for layer in layers for p in layer.parameters()]
-
-
-def build_method(cfg: RunConfig) -> Method:
-    """Instantiate the method named by ``cfg.method`` (kept here for callers; see methods/registry.py)."""
-    from fovea.methods.registry import build_method as build
-    return build(cfg)
+        return [p for h in heads for layer in h.last_layer_modules for p in layer.parameters()]

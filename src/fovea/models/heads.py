@@ -35,8 +35,10 @@ class DINOHead(nn.Module):
     ``use_bn`` is the official DINO ``use_bn_in_head`` option: BatchNorm removes the component
     common to the batch, so image-specific differences drive the prototypes from the first step.
 
-    Input [N, in_dim] -> logits [N, K]. ``last_layer`` holds the prototypes (frozen during
-    the first epoch(s) by the training loop: "freeze last layer").
+    ``forward``: input [N, in_dim] -> a list of one level, ``[logits [N, K]]``, like every head of the
+    self-distillation methods (:class:`~fovea.models.matryoshka.MatryoshkaHead` returns one per level);
+    ``logits`` returns the tensor itself. ``last_layer`` holds the prototypes (frozen during the first
+    epoch(s): "freeze last layer").
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -60,7 +62,21 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_norm=norm_last_layer)
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def out_dims(self) -> list[int]:
+        """Prototypes of each level (one level)."""
+        return [self.last_layer.weight_v.shape[0]]
+
+    @property
+    def last_layer_modules(self) -> list[nn.Module]:
+        """The prototype layer of each level (frozen during 'freeze last layer')."""
+        return [self.last_layer]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [self.logits(x)]
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Input [N, in_dim] -> logits [N, K]."""
         z = self.mlp(x)
         if self.l2_norm:
             z = F.normalize(z, dim=-1, eps=1e-6 if x.dtype == torch.float16 else 1e-12)

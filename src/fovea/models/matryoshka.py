@@ -61,4 +61,4 @@ class MatryoshkaHead(nn.Module):
         return self.proj[m](x) if self.proj is not None else x[..., :self.widths[m]]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return [head(self.level_input(x, m)) for m, head in enumerate(self.levels)]
+        return [head.logits(self.level_input(x, m)) for m, head in enumerate(self.levels)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fovea.models.vit import Block, sincos_pos_embed_2d
+from fovea.models.layers import Block, sincos_pos_embed_2d
 
 
 class Predictor(nn.Module):

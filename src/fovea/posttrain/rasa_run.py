@@ -44,7 +44,7 @@ def extract_patch_tokens(backbone: VisionTransformer, source: ImageSource, size:
     n_seen = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = normalize(batch["images"].to(device), list(mean), list(std))
-        p = backbone.forward_features(x)["x_norm_patchtokens"].float().cpu()  # [B, Np, D]
+        p = backbone.forward_features(x).patches.float().cpu()  # [B, Np, D]
         b, n, _ = p.shape
         if patches_per_image and patches_per_image < n:
             idx = torch.rand(b, n, generator=g).argsort(1)[:, :patches_per_image]  # [B, k]
@@ -73,10 +73,10 @@ def fold_check(original: VisionTransformer, folded: VisionTransformer, p: Tensor
     batch = next(iter(make_eval_loader(EvalDataset(source, size), n, 0)))
     x = normalize(batch["images"].to(device), list(mean), list(std))
     a, b = original.eval().forward_features(x), folded.eval().forward_features(x)
-    ref = a["x_norm_patchtokens"] @ p.to(device, a["x_norm_patchtokens"].dtype).T
+    ref = a.patches @ p.to(device, a.patches.dtype).T
     return {"images": int(x.shape[0]),
-            "max_abs_diff_patches": float((b["x_norm_patchtokens"] - ref).abs().max()),
-            "cls_identical": bool(torch.equal(a["x_norm_clstoken"], b["x_norm_clstoken"]))}
+            "max_abs_diff_patches": float((b.patches - ref).abs().max()),
+            "cls_identical": bool(torch.equal(a.cls, b.cls))}
 
 
 def run_rasa(backbone: VisionTransformer, fit_source: ImageSource, val_source: ImageSource, cfg: RasaConfig,

@@ -62,7 +62,7 @@ def _head_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         return heads
     ckpt = folder / "checkpoints" / "last.pt" if path.is_dir() else (path if path.suffix == ".pt" else None)
     if ckpt is not None and ckpt.exists():
-        from fovea.train.checkpoint import load_checkpoint
+        from fovea.core.checkpoint import load_checkpoint
         model = load_checkpoint(ckpt).get("model", {})
         for h, name in (("dino_head", "teacher.head."), ("ibot_head", "teacher.patch_head.")):
             sd = {k[len(name):]: v for k, v in model.items() if k.startswith(name)}

@@ -13,7 +13,7 @@ from typing import Any
 from fovea.config.schema import RunConfig
 from fovea.data.base import ImageSource
 from fovea.data.sources import build_source, probe_source
-from fovea.train.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
+from fovea.core.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint
 
 LOCK_NAME = "run.lock"
 

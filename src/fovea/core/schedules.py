@@ -22,3 +22,16 @@ def linear_warmup_constant(step: int, warmup: int, start: float, end: float) -> 
     if warmup <= 0 or step >= warmup:
         return end
     return start + (end - start) * step / warmup
+
+
+def ema_momentum(step: int, total: int, start: float, end: float, kind: str = "cosine") -> float:
+    """Teacher EMA momentum at ``step`` of ``total``: cosine (DINO) or linear (I-JEPA) from ``start`` to ``end``."""
+    if kind == "linear":
+        return start + (end - start) * min(step / max(total - 1, 1), 1.0)
+    return cosine_schedule(step, total, start, end)
+
+
+def auto_momentum(total_steps: int) -> float:
+    """Initial teacher momentum for ``optim.momentum_teacher=0``: the teacher's horizon
+    1/(1-m) is about a tenth of the run, clamped to [0.95, 0.996] (0.996 = DINO's long runs)."""
+    return float(min(0.996, max(0.95, 1.0 - 10.0 / max(total_steps, 1))))

@@ -1,0 +1,95 @@
+"""One optimizer step, with everything it needs and nothing of the run folder: the benchmark and the
+training loop build it with :func:`build_stepper`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fovea.config.schema import RunConfig
+from fovea.core.batch import to_device
+from fovea.core.distributed import DistInfo, any_rank
+from fovea.core.plan import Plan
+from fovea.methods.base import Method, StepValues
+from fovea.methods.registry import spec_for
+from fovea.methods.spec import MethodSpec, Schedule
+from fovea.train.init_from import backbone_scale
+from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients
+from fovea.train.plan import method_schedule, step_values
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or infinite; nothing of that step was applied or saved."""
+
+
+@dataclass
+class Stepper:
+    """A method with its optimizer and schedules: :meth:`step` runs one training step on a batch."""
+
+    cfg: RunConfig
+    spec: MethodSpec
+    method: Method
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    sched: Schedule
+    device: torch.device
+    info: DistInfo
+    bf16: bool
+    head_warmup: int = 0  # steps of the continued-pretraining head warm-up (fresh heads, frozen backbone)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.method.student.parameters() if p.requires_grad]
+        self.clip_groups = self.method.clip_groups()
+
+    def values(self, step: int) -> StepValues:
+        return step_values(self.cfg, self.plan, step, self.sched, heads_only=step < self.head_warmup)
+
+    def step(self, batch: dict, sv: StepValues, context: Callable[[], str] | None = None) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns the logged scalars of this rank. ``context()`` ends the
+        message of :class:`NonFiniteLoss` (what happened to the checkpoints)."""
+        o = self.cfg.optim
+        apply_hparams(self.optimizer, sv.lr, sv.weight_decay,
+                      backbone_scale(sv.step, self.head_warmup, o.backbone_warmup_steps, o.backbone_lr_mult))
+        batch = {k: to_device(v, self.device) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, logs = self.method.training_step(batch, sv)
+        self.check_finite(loss, logs, sv.step, context)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method.after_backward(sv)
+        gnorm = clip_gradients(self.params, o.clip_grad, o.clip_mode, self.clip_groups)
+        self.optimizer.step()
+        self.method.after_step(sv)
+        out = {k: float(v) for k, v in logs.items()}
+        out.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, **sv.sched})
+        return out
+
+    def check_finite(self, loss: torch.Tensor, logs: dict, step: int, context: Callable[[], str] | None) -> None:
+        """Raise :class:`NonFiniteLoss` naming the step and every non-finite loss term (on every rank when
+        any rank has one, so no rank waits in the backward's all-reduce); nothing is applied or saved."""
+        terms = {k: v for k, v in logs.items() if k.startswith("loss/") and isinstance(v, torch.Tensor)}
+        vals = torch.stack([loss.detach().float().reshape(())] + [v.detach().float().reshape(()) for v in terms.values()])
+        bad = not bool(torch.isfinite(vals).all())
+        if not any_rank(bad, self.info):
+            return
+        named = [f"{k}={float(v):g}" for k, v in terms.items() if not torch.isfinite(v).all()]
+        if len(named) > 1:  # the total follows from its terms
+            named = [n for n in named if not n.startswith("loss/total=")]
+        what = ", ".join(named) if named else (f"total loss={float(loss):g}" if bad else "on another rank")
+        raise NonFiniteLoss(f"non-finite loss at step {step + 1}/{self.plan.total_steps}: {what}; "
+                            f"nothing of this step was applied{context() if context else ''}. Lower optim.lr, raise "
+                            "dino.teacher_temp, or use train.precision=fp32")
+
+
+def build_stepper(cfg: RunConfig, plan: Plan, device: torch.device, info: DistInfo | None = None,
+                  method: Method | None = None) -> Stepper:
+    """The stepper of ``cfg`` (auto values resolved): the method built from the train seed (or ``method``,
+    already built and moved), its optimizer and schedules, on ``device``."""
+    spec = spec_for(cfg.method)
+    if method is None:
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        method = spec.build(cfg).to(device)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    return Stepper(cfg, spec, method, build_optimizer(method.student, cfg.optim), plan, method_schedule(cfg, plan),
+                   device, info or DistInfo(), bf16)
