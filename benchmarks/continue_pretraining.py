@@ -6,8 +6,8 @@ Both arms start from ``RUN/backbone.safetensors`` (no heads) with the run's own 
 report k-NN (k = 20, teacher CLS) every ``--every`` steps:
   (a) naive: fresh heads trained together with the backbone from step 0 at the preset's lr and momentum;
   (b) recipe (METHODS.md 5c): the heads first train alone on the frozen backbone (``--head-warmup`` steps,
-      teacher = student), then the backbone joins at ``--backbone-lr-mult`` x lr over a linear warm-up of
-      ``--head-warmup`` steps, with teacher momentum ``--momentum`` -> ``--momentum-end``.
+      teacher = student), then the backbone joins, its lr rising linearly to ``--backbone-lr-mult`` x lr over
+      ``--backbone-warmup`` steps; the teacher momentum is the run's unless ``--momentum`` / ``--momentum-end``.
 The arms run side by side (one thread each). Prints a table and writes ``continue.json`` in ``--out``.
 """
 from __future__ import annotations
@@ -27,8 +27,11 @@ def arm_args(run: Path, out: Path, steps: int, every: int, recipe: bool, a: argp
             "eval.knn.report=[cls]", f"eval.knn.ks=[{a.k}]", "eval.at_end=true", "train.resume=false", f"eval.every_steps={every}"]
     if recipe:
         args += [f"optim.head_warmup_steps={a.head_warmup}", f"optim.backbone_lr_mult={a.backbone_lr_mult}",
-                 f"optim.backbone_warmup_steps={a.head_warmup}", f"optim.momentum_teacher={a.momentum}",
-                 f"optim.momentum_teacher_end={a.momentum_end}"]
+                 f"optim.backbone_warmup_steps={a.backbone_warmup if a.backbone_warmup >= 0 else a.head_warmup}"]
+        if a.momentum > 0:
+            args.append(f"optim.momentum_teacher={a.momentum}")
+        if a.momentum_end > 0:
+            args.append(f"optim.momentum_teacher_end={a.momentum_end}")
     return args
 
 
@@ -43,9 +46,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--every", type=int, default=50, help="k-NN every N steps")
     ap.add_argument("--head-warmup", type=int, default=100)
-    ap.add_argument("--backbone-lr-mult", type=float, default=0.5)
-    ap.add_argument("--momentum", type=float, default=0.995, help="(b): teacher momentum at the start")
-    ap.add_argument("--momentum-end", type=float, default=0.999, help="(b): teacher momentum at the end (cosine)")
+    ap.add_argument("--backbone-lr-mult", type=float, default=1.0, help="(b): backbone lr = lr x this after the warm-up")
+    ap.add_argument("--backbone-warmup", type=int, default=-1, help="(b): steps of the backbone lr warm-up (-1: --head-warmup)")
+    ap.add_argument("--momentum", type=float, default=0.0, help="(b): teacher momentum at the start (0: the run's)")
+    ap.add_argument("--momentum-end", type=float, default=0.0, help="(b): teacher momentum at the end (0: the run's)")
+    ap.add_argument("--arms", default="naive,recipe", help="arms to run; the others are read from --out (a previous run)")
     ap.add_argument("--bank", type=int, default=10000, help="k-NN bank images (a fixed random subset)")
     ap.add_argument("--test", type=int, default=10000, help="k-NN test images (a fixed random subset)")
     ap.add_argument("--k", type=int, default=20, help="k of the reported k-NN")
@@ -55,6 +60,8 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {}
     for name, recipe in (("naive", False), ("recipe", True)):
+        if name not in a.arms.split(","):
+            continue
         cmd = [sys.executable, "-m", "fovea", "train", *arm_args(run, root / name, a.steps, a.every, recipe, a)]
         root.mkdir(parents=True, exist_ok=True)
         procs[name] = subprocess.Popen(cmd, env=env, stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT)
@@ -62,7 +69,7 @@ def main() -> int:
         if p.wait() != 0:
             print(f"[continue] {name} failed; see {root / (name + '.log')}")
             return 1
-    curves = {name: curve(root / name, str(a.k)) for name in procs}
+    curves = {name: curve(root / name, str(a.k)) for name in ("naive", "recipe")}
     steps = sorted(set().union(*curves.values()))
     print("| step | (a) naive: fresh heads + backbone from step 0 | (b) head warm-up recipe |")
     print("|---|---|---|")

@@ -118,7 +118,7 @@ def test_dino_head_shapes_and_frozen_norm():
     torch.manual_seed(0)
     head = DINOHead(12, 40, hidden_dim=16, bottleneck_dim=8, nlayers=3, norm_last_layer=True)
     x = torch.randn(5, 12)
-    out = head(x)
+    out = head.logits(x)
     assert tuple(out.shape) == (5, 40)
     assert head.last_layer.weight_g.requires_grad is False
     assert tuple(head.last_layer.weight_g.shape) == (40, 1)
@@ -136,7 +136,7 @@ def test_dino_head_trainable_norm():
     torch.manual_seed(0)
     head = DINOHead(12, 40, hidden_dim=16, bottleneck_dim=8, nlayers=2, norm_last_layer=False)
     assert head.last_layer.weight_g.requires_grad is True
-    (head(torch.randn(5, 12)) ** 2).sum().backward()
+    (head.logits(torch.randn(5, 12)) ** 2).sum().backward()
     g = head.last_layer.weight_g.grad
     assert g is not None and g.abs().sum() > 0
     assert any(p is head.last_layer.weight_g for p in head.parameters() if p.requires_grad)
@@ -152,7 +152,7 @@ def test_dino_head_features_l2_normalised(nlayers):
     head.last_layer.register_forward_hook(lambda mod, inp, out: seen.__setitem__("z", inp[0].detach()))
     x = torch.randn(4, 12) * 3
     with torch.no_grad():
-        out = head(x)
+        out = head.logits(x)
     z = seen["z"]
     for r in range(4):
         assert math.sqrt(sum(v * v for v in z[r].tolist())) == pytest.approx(1.0, abs=1e-5)
@@ -208,26 +208,29 @@ def test_teacher_is_separate_frozen_copy(cfg):
     assert not torch.equal(m.student.backbone.pos_embed, m.teacher.backbone.pos_embed)
 
 
-def test_update_teacher_ema(cfg):
+def test_after_step_ema(cfg):
     m = _method(cfg)
+
+    def ema(momentum: float) -> None:
+        m.after_step(StepValues(step=0, epoch=0.0, lr=0.0, weight_decay=0.0, sched={"momentum": momentum}))
     sp = m.student.backbone.blocks[1].mlp.fc1.weight
     tp = m.teacher.backbone.blocks[1].mlp.fc1.weight
     with torch.no_grad():
         sp.add_(torch.randn_like(sp))
     t0, s0 = tp.detach().clone().double(), sp.detach().clone().double()
     untouched_before = m.teacher.backbone.norm.weight.detach().clone()
-    m.update_teacher(0.9)
+    ema(0.9)
     expected = 0.9 * t0 + 0.1 * s0
     assert torch.allclose(tp.double(), expected, rtol=0, atol=1e-6)
     assert not torch.allclose(tp.double(), s0, atol=1e-3)
     # an unperturbed parameter (student == teacher) stays where it was
     assert torch.allclose(m.teacher.backbone.norm.weight, untouched_before, atol=1e-7)
-    m.update_teacher(0.0)
+    ema(0.0)
     assert torch.equal(tp, sp)
     with torch.no_grad():
         sp.mul_(3.0)
     before = tp.detach().clone()
-    m.update_teacher(1.0)
+    ema(1.0)
     assert torch.equal(tp, before)
 
 
@@ -238,9 +241,10 @@ def test_training_step_backward_no_teacher_grads(cfg):
     b = 2
     crops = [torch.randint(0, 256, (b, 3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(2)]
     crops += [torch.randint(0, 256, (b, 3, 8, 8), dtype=torch.uint8, generator=g) for _ in range(2)]
-    sv = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04, momentum=0.996, teacher_temp=0.04,
-                    freeze_last_layer=False)
-    center_before = m.loss_fn.center.clone()
+    sv = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04,
+                    sched={"momentum": 0.996, "teacher_temp": 0.04, "freeze_last_layer": 0.0})
+    center = m.terms["dino"].levels[0].center
+    center_before = center.clone()
     loss, logs = m.training_step({"crops": crops}, sv)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert float(logs["loss/dino"]) == pytest.approx(loss.item())
@@ -249,17 +253,17 @@ def test_training_step_backward_no_teacher_grads(cfg):
     assert m.student.backbone.patch_embed.proj.weight.grad is not None
     assert m.student.head.last_layer.weight_v.grad is not None
     # the centre was updated once with the teacher logits of the two global crops
-    assert not torch.equal(m.loss_fn.center, center_before)
+    assert not torch.equal(center, center_before)
     with torch.no_grad():
         from fovea.data.augment import normalize
         c = cfg.crops
-        t_logits, _ = m.teacher([normalize(x, c.mean, c.std) for x in crops[:2]])
-    assert torch.allclose(m.loss_fn.center, 0.1 * t_logits.mean(0, keepdim=True), atol=1e-6)
+        (t_logits,), *_ = m.teacher([normalize(x, c.mean, c.std) for x in crops[:2]])
+    assert torch.allclose(center, 0.1 * t_logits.mean(0, keepdim=True), atol=1e-6)
 
 
 def test_collapse_stats_on_known_distributions() -> None:
     import math
-    from fovea.methods.dino import collapse_stats
+    from fovea.methods.terms.dino import collapse_stats
     k = 8
     uniform = torch.full((5, k), 1.0 / k)
     s = collapse_stats(uniform)
@@ -279,7 +283,7 @@ def test_collapse_stats_on_known_distributions() -> None:
 def test_bn_head_teacher_uses_batch_statistics_and_stays_eval() -> None:
     from fovea.config.loader import load_config
     from fovea.methods.dino import DINO
-    from fovea.train.loop import resolve_auto
+    from fovea.train.plan import resolve_auto
     cfg = resolve_auto(load_config(None, [
         "model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
         "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
@@ -301,7 +305,7 @@ def test_bn_both_teacher_heads_use_batch_statistics(matryoshka: bool) -> None:
     # the separate iBOT head's BatchNorm behaves like the DINO head's: batch statistics in training
     from fovea.config.loader import load_config
     from fovea.methods.dino import DINO
-    from fovea.train.loop import resolve_auto
+    from fovea.train.plan import resolve_auto
     over = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
             "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
             "dino.hidden_dim=16", "dino.bottleneck_dim=8", "dino.use_bn=true", "ibot.enabled=true",

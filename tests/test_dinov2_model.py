@@ -157,8 +157,8 @@ TINY = ["method=dinov2", "model.arch=vit_tiny", "model.depth=2", "model.embed_di
         "model.patch_size=4", "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=2",
         "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.centering=sinkhorn",
         "ibot.enabled=true", "ibot.out_dim=32", "koleo.weight=0.1", "model.layerscale_init=1e-5"]
-SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04, momentum=0.996, teacher_temp=0.04,
-                freeze_last_layer=False)
+SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04,
+                sched={"momentum": 0.996, "teacher_temp": 0.04, "freeze_last_layer": 0.0})
 
 
 def _batch(b: int = 4, all_masked: bool | None = None) -> dict:
@@ -210,8 +210,8 @@ def test_ibot_loss_uses_teacher_tokens_at_masked_positions() -> None:
         t_tok = torch.cat([o.patches for o in t_out])
         s_tok = torch.cat([o.patches for o in s_out])
         expected = 0.0
-        targets = sinkhorn_knopp(m.teacher.patch_head(t_tok[masks]), 0.04, 3)
-        log_s = torch.log_softmax(m.student.patch_head(s_tok[masks]) / 0.1, -1)
+        targets = sinkhorn_knopp(m.teacher.patch_head.logits(t_tok[masks]), 0.04, 3)
+        log_s = torch.log_softmax(m.student.patch_head.logits(s_tok[masks]) / 0.1, -1)
         per_patch = -(targets * log_s).sum(-1)
         owner = masks.nonzero()[:, 0]
         for img in range(2 * b):
@@ -242,10 +242,12 @@ def test_highres_phase_switch_and_dataset(tmp_path) -> None:
     import numpy as np
 
     from fovea.data.base import ImageSource
-    from fovea.train.loop import Plan, in_highres, make_dataset
+    from fovea.core.plan import Plan
+    from fovea.methods.dino_spec import phase, train_data
     cfg = load_config(None, TINY + ["highres.steps=3", "highres.global_size=24", "highres.local_size=12"])
-    plan = Plan(10, 20, 0, 0, 0, 10, 0, 1e-3)
-    assert [in_highres(cfg, plan, s) for s in (0, 16, 17, 19)] == [False, False, True, True]
+    plan = Plan(steps_per_epoch=10, total_steps=20, warmup_steps=0, checkpoint_every=10, eval_every=0, peak_lr=1e-3,
+                epoch_unit=10)
+    assert [phase(cfg, plan, s) for s in (0, 16, 17, 19)] == ["", "", "highres", "highres"]
 
     class Src(ImageSource):
         labels = np.zeros(4, dtype=np.int64)
@@ -255,7 +257,7 @@ def test_highres_phase_switch_and_dataset(tmp_path) -> None:
             return np.full((20, 20, 3), 60 * i, dtype=np.uint8)
 
     src = Src()
-    lo, hi = make_dataset(cfg, src), make_dataset(cfg, src, highres=True)
+    lo, hi = train_data(cfg, src)[0], train_data(cfg, src, "highres")[0]
     crops, _, masks = lo[(0, 1)]
     assert crops[0].shape[-1] == 16 and crops[2].shape[-1] == 8 and masks.shape == (2, 16)
     crops, _, masks = hi[(0, 1)]
@@ -290,11 +292,15 @@ def test_dinov2_presets() -> None:
 
 
 def test_epoch_length_turns_dinov2_epochs_into_steps() -> None:
-    from fovea.train.loop import make_plan
+    from fovea.methods.dino_spec import schedule
+    from fovea.train.plan import make_plan
     cfg = load_config("dinov2_vitl14_imagenet22k")
     plan = make_plan(cfg, 14_197_122, 96)
-    assert (plan.total_steps, plan.warmup_steps, plan.teacher_temp_warmup_steps) == (625_000, 100_000, 37_500)
-    assert plan.freeze_last_layer_steps == 1250 and plan.steps_per_epoch == 14_197_122 // 3072
+    assert (plan.total_steps, plan.warmup_steps, plan.steps(cfg.dino.warmup_teacher_temp_epochs)) == (625_000, 100_000, 37_500)
+    sched = schedule(cfg, plan)  # teacher temperature warm-up over 30 epochs of 1250 steps; prototypes frozen in epoch 0
+    assert sched(37_499)["teacher_temp"] < 0.07 and sched(37_500)["teacher_temp"] == pytest.approx(0.07)
+    assert (sched(1249)["freeze_last_layer"], sched(1250)["freeze_last_layer"]) == (1.0, 0.0)
+    assert plan.steps_per_epoch == 14_197_122 // 3072
     assert plan.peak_lr == pytest.approx(2e-4 * 3 ** 0.5)
 
 

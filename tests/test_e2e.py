@@ -98,13 +98,13 @@ def test_resume_after_sigkill_continues_same_losses(folder: Path, tmp_path: Path
     b = tmp_path / "b"
     killer = textwrap.dedent(f"""
         import os, signal, sys
-        from fovea.train import loop
-        orig = loop.Trainer.train_step
-        def train_step(self, batch, sv):
-            if self.step == 10:
+        from fovea.train import step
+        orig = step.Stepper.step
+        def train_step(self, batch, sv, *a):
+            if sv.step == 10:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return orig(self, batch, sv)
-        loop.Trainer.train_step = train_step
+            return orig(self, batch, sv, *a)
+        step.Stepper.step = train_step
         from fovea.cli import main
         sys.exit(main(["train", *{[a.replace(str(tmp_path / 'a'), str(b)) for a in common]!r}]))
     """)

@@ -148,8 +148,8 @@ TINY = ["method=franca", "model.arch=vit_tiny", "model.depth=1", "model.embed_di
         "dino.out_dim=64", "dino.hidden_dim=24", "dino.bottleneck_dim=16", "dino.centering=sinkhorn",
         "ibot.enabled=true", "ibot.out_dim=32", "koleo.weight=0.1", "model.layerscale_init=1e-5",
         "model.drop_path_rate=0", "matryoshka.enabled=true", "matryoshka.widths=[8,32]"]
-SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04, momentum=0.996, teacher_temp=0.04,
-                freeze_last_layer=False)
+SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04,
+                sched={"momentum": 0.996, "teacher_temp": 0.04, "freeze_last_layer": 0.0})
 
 
 def _batch(b: int = 4) -> dict:
@@ -188,9 +188,9 @@ def test_loss_is_the_weighted_sum_of_per_level_losses_computed_by_hand() -> None
         total = 0.0
         for lvl, (d, w) in enumerate(zip([8, 32], [0.5, 2.0])):
             head_s, head_t = m.student.head.levels[lvl], m.teacher.head.levels[lvl]
-            p_t = _sk(torch.cat([head_t(c[:, :d]) for c in t_cls]).double().numpy(), 0.04)
+            p_t = _sk(torch.cat([head_t.logits(c[:, :d]) for c in t_cls]).double().numpy(), 0.04)
             p_t = np.split(p_t, 2)
-            log_s = [F.log_softmax(head_s(c[:, :d]).double() / 0.1, -1).numpy() for c in s_cls]
+            log_s = [F.log_softmax(head_s.logits(c[:, :d]).double() / 0.1, -1).numpy() for c in s_cls]
             pairs = [-(p_t[i] * log_s[j]).sum(1).mean() for i in range(2) for j in range(3) if i != j]
             l_lvl = float(np.mean(pairs))
             assert float(logs[f"loss/dino@{d}"]) == pytest.approx(l_lvl, rel=1e-4)
@@ -218,7 +218,7 @@ def test_matryoshka_with_ema_centering_and_plain_dino(extra: list[str]) -> None:
     assert torch.isfinite(loss)
     assert float(logs["loss/dino"]) == pytest.approx(float(logs["loss/dino@8"]) + float(logs["loss/dino@32"]),
                                                      rel=1e-5)
-    centres = [fn.center for fn in m.loss_fn]
+    centres = [fn.center for fn in m.terms["dino"].levels]
     assert [c.shape[1] for c in centres] == [16, 64] and all(c.abs().sum() > 0 for c in centres)
     loss.backward()
 

@@ -14,15 +14,14 @@ from fovea.losses.jepa import jepa_loss, jepa_targets
 from fovea.masking.multiblock import MultiBlockSampler
 from fovea.methods.base import StepValues
 from fovea.methods.ijepa import IJEPA, gather_targets
-from fovea.methods.registry import build_method
+from fovea.methods.registry import spec_for
 from fovea.models.predictor import Predictor
 from fovea.models.vit import ViTConfig, VisionTransformer, sincos_pos_embed_2d
 
 TINY = ["method=ijepa", "model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3",
         "model.patch_size=4", "model.img_size=32", "model.cls_token=false", "model.pos_embed=sincos",
         "model.drop_path_rate=0.0", "crops.global_size=32", "ijepa.pred_dim=24", "ijepa.pred_depth=2"]
-SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04, momentum=0.99, teacher_temp=0.04,
-                freeze_last_layer=False)
+SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04, sched={"momentum": 0.99})
 
 
 def tiny_vit(**kw) -> VisionTransformer:
@@ -196,7 +195,8 @@ def test_jepa_targets_layer_normalised_and_gather() -> None:
 @pytest.fixture()
 def method() -> IJEPA:
     torch.manual_seed(0)
-    m = build_method(load_config(None, TINY))
+    cfg = load_config(None, TINY)
+    m = spec_for(cfg.method).build(cfg)
     assert isinstance(m, IJEPA)
     return m.train()
 
@@ -226,13 +226,13 @@ def test_loss_zero_when_predictor_returns_targets(method: IJEPA, monkeypatch: py
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_update_teacher_ema_hand_values(method: IJEPA) -> None:
+def test_after_step_ema_hand_values(method: IJEPA) -> None:
     s0 = [p.detach().clone() for p in method.student.backbone.parameters()]
     with torch.no_grad():
         for p in method.student.backbone.parameters():
             p.add_(1.0)
     t0 = [p.detach().clone() for p in method.teacher.backbone.parameters()]
-    method.update_teacher(0.75)
+    method.after_step(StepValues(step=0, epoch=0.0, lr=0.0, weight_decay=0.0, sched={"momentum": 0.75}))
     for a, t, s in zip(method.teacher.backbone.parameters(), t0, s0):
         assert torch.allclose(a, 0.75 * t + 0.25 * (s + 1.0), atol=1e-6)
     assert method.eval_backbone() is method.teacher.backbone
@@ -264,15 +264,15 @@ def test_published_vith14_recipe() -> None:
 
 
 def test_start_lr_warmup_and_linear_momentum() -> None:
-    from fovea.train.loop import make_plan, step_values
+    from fovea.train.plan import make_plan, step_values
     cfg = load_config("ijepa_vith14_imagenet", ["optim.epochs=10", "optim.warmup_epochs=2"])
     plan = make_plan(cfg, n_images=128 * 16 * 5, world=16)  # 5 steps/epoch -> 50 steps, 10 warm-up
     assert (plan.total_steps, plan.warmup_steps, plan.peak_lr) == (50, 10, 1e-3)
     lrs = [step_values(cfg, plan, s).lr for s in (0, 5, 10)]
     assert lrs == pytest.approx([2e-4, 6e-4, 1e-3])
-    mom = [step_values(cfg, plan, s).momentum for s in (0, 49)]
+    mom = [step_values(cfg, plan, s).sched["momentum"] for s in (0, 49)]
     assert mom == pytest.approx([0.996, 1.0])
-    assert step_values(cfg, plan, 24).momentum == pytest.approx(0.996 + 0.004 * 24 / 49)
+    assert step_values(cfg, plan, 24).sched["momentum"] == pytest.approx(0.996 + 0.004 * 24 / 49)
     dino = load_config("dino_vittiny_cifar10")  # start_lr default 0 keeps warm-up from 0
     p2 = make_plan(dino, 50000, 1)
     assert step_values(dino, p2, 0).lr == 0.0

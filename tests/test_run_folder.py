@@ -197,13 +197,13 @@ def test_resume_with_changed_trajectory_keys_is_refused_then_forced(images: Path
 
 KILL_AT_STEP = """
     import os, signal
-    from fovea.train import loop
-    orig = loop.Trainer.train_step
-    def train_step(self, batch, sv):
-        if self.step == {step}:
+    from fovea.train import step
+    orig = step.Stepper.step
+    def train_step(self, batch, sv, *a):
+        if sv.step == {step}:
             os.kill(os.getpid(), signal.{sig})  # arrives in the middle of this step
-        return orig(self, batch, sv)
-    loop.Trainer.train_step = train_step
+        return orig(self, batch, sv, *a)
+    step.Stepper.step = train_step
 """
 
 

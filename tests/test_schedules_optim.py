@@ -10,7 +10,7 @@ from torch import nn
 from fovea.config.loader import load_config
 from fovea.models.heads import DINOHead
 from fovea.models.vit import ViTConfig, VisionTransformer
-from fovea.train.loop import make_plan, step_values
+from fovea.train.plan import make_plan, step_values
 from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients, param_groups, scaled_lr
 from fovea.core.schedules import cosine_schedule, linear_warmup_constant
 
@@ -70,8 +70,8 @@ def test_plan_linear256_lr_and_schedules():
     assert plan.steps_per_epoch == 10
     assert plan.total_steps == 50
     assert plan.warmup_steps == 10
-    assert plan.teacher_temp_warmup_steps == 20
-    assert plan.freeze_last_layer_steps == 10
+    assert plan.steps(cfg.dino.warmup_teacher_temp_epochs) == 20
+    assert plan.steps(cfg.optim.freeze_last_layer_epochs) == 10
     assert plan.peak_lr == pytest.approx(5e-4 * 64 / 256)
     sv0 = step_values(cfg, plan, 0)
     assert sv0.lr == pytest.approx(0.0)
@@ -79,21 +79,21 @@ def test_plan_linear256_lr_and_schedules():
     assert step_values(cfg, plan, 10).lr == pytest.approx(1.25e-4)
     assert step_values(cfg, plan, 49).lr == pytest.approx(1e-6)
     # teacher temperature 0.04 -> 0.07 linearly over 20 steps, then constant
-    assert sv0.teacher_temp == pytest.approx(0.04)
-    assert step_values(cfg, plan, 10).teacher_temp == pytest.approx(0.055)
-    assert step_values(cfg, plan, 15).teacher_temp == pytest.approx(0.04 + 0.03 * 15 / 20)
-    assert step_values(cfg, plan, 20).teacher_temp == pytest.approx(0.07)
-    assert step_values(cfg, plan, 49).teacher_temp == pytest.approx(0.07)
+    assert sv0.sched["teacher_temp"] == pytest.approx(0.04)
+    assert step_values(cfg, plan, 10).sched["teacher_temp"] == pytest.approx(0.055)
+    assert step_values(cfg, plan, 15).sched["teacher_temp"] == pytest.approx(0.04 + 0.03 * 15 / 20)
+    assert step_values(cfg, plan, 20).sched["teacher_temp"] == pytest.approx(0.07)
+    assert step_values(cfg, plan, 49).sched["teacher_temp"] == pytest.approx(0.07)
     # teacher momentum 0.996 -> 1.0, weight decay 0.04 -> 0.4 (cosine over the whole run)
-    assert sv0.momentum == pytest.approx(0.996)
-    assert step_values(cfg, plan, 49).momentum == pytest.approx(1.0)
+    assert sv0.sched["momentum"] == pytest.approx(0.996)
+    assert step_values(cfg, plan, 49).sched["momentum"] == pytest.approx(1.0)
     mid = step_values(cfg, plan, 49 // 2)  # not the exact middle: 24/49
     t = 24 / 49
-    assert mid.momentum == pytest.approx(1.0 + 0.5 * (0.996 - 1.0) * (1 + math.cos(math.pi * t)))
+    assert mid.sched["momentum"] == pytest.approx(1.0 + 0.5 * (0.996 - 1.0) * (1 + math.cos(math.pi * t)))
     assert sv0.weight_decay == pytest.approx(0.04)
     assert step_values(cfg, plan, 49).weight_decay == pytest.approx(0.4)
     # freeze last layer exactly for the first 10 steps
-    assert [step_values(cfg, plan, s).freeze_last_layer for s in range(12)] == [True] * 10 + [False] * 2
+    assert [step_values(cfg, plan, s).sched["freeze_last_layer"] for s in range(12)] == [1.0] * 10 + [0.0] * 2
     assert step_values(cfg, plan, 23).epoch == pytest.approx(2.3)
 
 
@@ -256,7 +256,9 @@ def test_clip_off_returns_norm_and_leaves_grads():
 
 
 def test_auto_prototypes_and_momentum_rules() -> None:
-    from fovea.train.loop import auto_momentum, auto_prototypes, resolve_auto
+    from fovea.core.schedules import auto_momentum
+    from fovea.methods.dino_spec import auto_prototypes
+    from fovea.train.plan import resolve_auto
     from fovea.config.loader import load_config
     # K: power of two nearest N/16, clamped to [1024, 65536]
     assert auto_prototypes(60000) == 4096  # 60000/16 = 3750 -> 2^12
