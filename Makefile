@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make demo   install everything, then train the tiny DINO preset on Fashion-MNIST (CPU, ~10 min)
-#   make test   install everything, then run the test suite
+#   make test   install everything, then type-check src/fovea (mypy) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -25,6 +25,7 @@ demo: install fmnist
 	$(BIN)/fovea train dino_vittiny_fmnist
 
 test: install fmnist
+	$(BIN)/python -m mypy src/fovea
 	$(BIN)/python -m pytest -q
 
 test-all: install fmnist

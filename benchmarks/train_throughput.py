@@ -39,11 +39,9 @@ import torch
 
 from fovea.config.loader import load_config
 from fovea.config.schema import RunConfig
-from fovea.methods.dino import build_method
-from fovea.models.vit import ARCHS
-from fovea.core.distributed import DistInfo
-from fovea.train.loop import Trainer, make_plan, resolve_auto, step_values
-from fovea.train.optim import build_optimizer
+from fovea.models.flops import dims
+from fovea.train.plan import make_plan, resolve_auto
+from fovea.train.step import Stepper, build_stepper
 
 DEFAULT_PRESET = "dino_vittiny_fmnist"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -131,26 +129,9 @@ def matmul_gflops(m: int, k: int, n: int, device: torch.device, dtype: torch.dty
     return 2.0 * m * k * n / best / 1e9
 
 
-def mlp_hidden(cfg: RunConfig) -> tuple[int, int, int, int]:
-    """(embed_dim D, depth, heads, mlp hidden) of the backbone, resolved from arch + overrides."""
-    m = cfg.model
-    d0, depth0, h0, r0 = ARCHS[m.arch]
-    d, depth, heads, ratio = m.embed_dim or d0, m.depth or depth0, m.num_heads or h0, m.mlp_ratio or r0
-    return d, depth, heads, int(d * ratio)
-
-
-def prefix_tokens(cfg: RunConfig) -> int:
-    """CLS (when the backbone has one) + register tokens."""
-    return int(cfg.model.cls_token) + cfg.model.num_register_tokens
-
-
 def tokens_per_crop(cfg: RunConfig, size: int) -> int:
-    return prefix_tokens(cfg) + (size // cfg.model.patch_size) ** 2
-
-
-def _block_flops(n: int, d: int, hid: int) -> int:
-    """One pre-norm ViT block on n tokens of width d: qkv, proj, fc1, fc2, q k^T and attn v."""
-    return 2 * n * (3 * d * d + d * d + 2 * d * hid) + 2 * 2 * n * n * d
+    """CLS (when the backbone has one) + register tokens + patches of one crop of ``size`` px."""
+    return int(cfg.model.cls_token) + cfg.model.num_register_tokens + (size // cfg.model.patch_size) ** 2
 
 
 def measure_matmul_peak(device: torch.device, sizes: list[int], min_time: float,
@@ -170,7 +151,7 @@ def measure_matmul_peak(device: torch.device, sizes: list[int], min_time: float,
 def measure_model_shapes(cfg: RunConfig, device: torch.device, dtype: torch.dtype, min_time: float
                          ) -> dict[str, Any]:
     """Rate of the backbone's MLP fc1 matmul [B*N, D] x [D, 4D] for the global and the local crop group."""
-    d, _, _, hid = mlp_hidden(cfg)
+    d, _, _, hid = dims(cfg.model)
     b, c = cfg.data.batch_size, cfg.crops
     if cfg.method == "ijepa":  # the target encoder's full view (the context encoder sees a subset)
         return {"target_fc1": {"shape": f"[{b * tokens_per_crop(cfg, c.global_size)}, {d}] x [{d}, {hid}]",
@@ -188,89 +169,6 @@ def measure_model_shapes(cfg: RunConfig, device: torch.device, dtype: torch.dtyp
 
 # ============================================================================ FLOP counting
 
-def analytic_flops(cfg: RunConfig) -> dict[str, Any]:
-    """FLOPs of one training step from the config alone (multiply-add = 2 FLOPs; matmuls/convs only).
-
-    Per crop of size S (N = 1 + registers + (S/p)^2 tokens, width D, MLP hidden H, depth L):
-      backbone forward = patch-embed conv 2*(S/p)^2*(C*p*p)*D
-                       + L * [2*N*(3D^2 + D^2 + 2*D*H)  (qkv, proj, fc1, fc2)
-                              + 2*2*N^2*D]              (q k^T and attn v)
-      head forward     = DINO MLP on the CLS token + the prototype layer (bottleneck x K).
-    Step = teacher forward on the 2 global crops (1x) + student forward and backward on all crops
-    (3x forward), except the student's patch embedding, whose input needs no gradient (2x).
-    Element-wise work (norms, GELU, softmax, optimizer, EMA) is not counted.
-    """
-    d, depth, _, hid = mlp_hidden(cfg)
-    m, h, c = cfg.model, cfg.dino, cfg.crops
-    p, C = m.patch_size, m.in_chans
-
-    def patch(size: int) -> int:
-        return 2 * (size // p) ** 2 * (C * p * p) * d
-
-    def blocks(size: int) -> int:
-        n = tokens_per_crop(cfg, size)
-        return depth * (2 * n * (3 * d * d + d * d + 2 * d * hid) + 2 * 2 * n * n * d)
-
-    nl = max(h.nlayers, 1)
-    if nl == 1:
-        head_mlp = 2 * d * h.bottleneck_dim
-    else:
-        head_mlp = 2 * (d * h.hidden_dim + (nl - 2) * h.hidden_dim ** 2 + h.hidden_dim * h.bottleneck_dim)
-    head = head_mlp + 2 * h.bottleneck_dim * h.out_dim
-
-    b = cfg.data.batch_size
-    n_g, n_l = 2 * b, c.n_local * b  # crops per step in each group
-    per_crop = {"global": {"patch_embed": patch(c.global_size), "blocks": blocks(c.global_size), "head": head},
-                "local": {"patch_embed": patch(c.local_size), "blocks": blocks(c.local_size), "head": head}}
-    fwd = {k: sum(v.values()) for k, v in per_crop.items()}
-    teacher = n_g * fwd["global"]
-    student_fwd = n_g * fwd["global"] + n_l * fwd["local"]
-    student_patch = n_g * per_crop["global"]["patch_embed"] + n_l * per_crop["local"]["patch_embed"]
-    student_bwd = 2 * student_fwd - student_patch  # no input gradient for the patch-embed conv
-    return {"per_crop_forward": per_crop, "teacher_forward": teacher, "student_forward": student_fwd,
-            "student_backward": student_bwd, "total": teacher + student_fwd + student_bwd}
-
-
-def ijepa_flops(cfg: RunConfig, batch: dict) -> dict[str, Any]:
-    """FLOPs of one I-JEPA step from the config and the batch's (padded) index shapes; matmuls only.
-
-    Np = (S/p)^2 patches, Nc / Nt = padded context / target-block lengths, M target blocks, predictor
-    width Dp, depth Lp, MLP 4 Dp. Padding is computed like real tokens, so it is counted.
-      target encoder = B x [patch embed + L blocks on Np tokens]                         (forward only)
-      context encoder = B x [patch embed + L blocks on Nc tokens]
-      predictor = B*M x [Nc x (D -> Dp) + Lp blocks on Nc + Nt tokens + Nt x (Dp -> D)]
-    Student = context encoder + predictor, forward (1x) and backward (2x, except the patch embedding).
-    """
-    d, depth, _, hid = mlp_hidden(cfg)
-    m, j = cfg.model, cfg.ijepa
-    p, C, size = m.patch_size, m.in_chans, cfg.crops.global_size
-    b, mm, nt = (int(x) for x in batch["tgt_idx"].shape)
-    nc = int(batch["ctx_idx"].shape[1])
-    npatch = (size // p) ** 2
-    pre = prefix_tokens(cfg)
-    dp = j.pred_dim
-    patch = 2 * npatch * (C * p * p) * d
-    target = b * (patch + depth * _block_flops(pre + npatch, d, hid))
-    context = b * (patch + depth * _block_flops(pre + nc, d, hid))
-    predictor = b * mm * (2 * nc * d * dp + j.pred_depth * _block_flops(nc + nt, dp, 4 * dp) + 2 * nt * dp * d)
-    student_fwd = context + predictor
-    student_bwd = 2 * student_fwd - b * patch
-    return {"per_image": {"patches": npatch, "context_tokens_padded": nc, "target_blocks": mm,
-                          "target_tokens_padded": nt},
-            "teacher_forward": target, "context_forward": context, "predictor_forward": predictor,
-            "student_forward": student_fwd, "student_backward": student_bwd,
-            "total": target + student_fwd + student_bwd}
-
-
-def synthetic_ijepa_batch(cfg: RunConfig) -> dict:
-    """Random uint8 images [B, C, S, S] with multi-block masks drawn by the training collate."""
-    from fovea.methods.registry import ijepa_collate
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    b, s = cfg.data.batch_size, cfg.crops.global_size
-    imgs = torch.randint(0, 256, (b, cfg.model.in_chans, s, s), generator=g, dtype=torch.uint8)
-    return ijepa_collate(cfg)([(imgs[i], cfg.train.seed * 1_000_003 + i, 0) for i in range(b)])
-
-
 def _cpu_sdpa_mapping() -> dict:
     """FlopCounterMode formulas for the CPU flash-attention kernels when torch lacks them."""
     from torch.utils import flop_counter as fc
@@ -287,39 +185,18 @@ def _cpu_sdpa_mapping() -> dict:
 
 # ============================================================================ the step
 
-def make_stepper(cfg: RunConfig, device: torch.device) -> Trainer:
-    """A Trainer with exactly the state ``Trainer.train_step`` uses, built as ``Trainer.__init__`` builds it,
-    but without a run folder, data source, logger or resume (nothing is written)."""
+def make_stepper(cfg: RunConfig, plan: Any, device: torch.device) -> Stepper:
+    """The training loop's own :class:`~fovea.train.step.Stepper` (method, optimizer, schedules, bf16 rule),
+    built by the same builder as the Trainer's, without a run folder, data source, logger or resume."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    t = object.__new__(Trainer)
-    t.cfg = cfg
-    t.device = device
-    torch.manual_seed(cfg.train.seed)
-    t.method = build_method(cfg).to(device)
-    t.optimizer = build_optimizer(t.method.student, cfg.optim)
-    t.params = [p for p in t.method.student.parameters() if p.requires_grad]
-    t.frozen_ids = {id(p) for p in t.method.last_layer_params()}
-    t.clip_groups = t.method.clip_groups()
-    t.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    t.step = 0
-    t.skipped = 0
-    t.info = DistInfo()  # one process: the finiteness check needs no collective
-    t.saved_step = -1
+    t = build_stepper(cfg, plan, device)
     torch.manual_seed(cfg.train.seed + 1)
     t.method.train()
     return t
 
 
-def synthetic_crops(cfg: RunConfig, device: torch.device) -> list[torch.Tensor]:
-    """Random uint8 crops [B, C, S, S]: 2 global + n_local local, already on the device."""
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    b, c, ch = cfg.data.batch_size, cfg.crops, cfg.model.in_chans
-    sizes = [c.global_size] * 2 + [c.local_size] * c.n_local
-    return [torch.randint(0, 256, (b, ch, s, s), generator=g, dtype=torch.uint8).to(device) for s in sizes]
-
-
-def param_counts(t: Trainer) -> dict[str, int]:
+def param_counts(t: Stepper) -> dict[str, int]:
     s = t.method.student
 
     def n(mod: torch.nn.Module, trainable: bool = False) -> int:
@@ -337,8 +214,8 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def needs_auto(cfg: RunConfig) -> bool:
-    """True when the config has values resolved from the data-set size (dino.out_dim=0, momentum_teacher=0)."""
-    return cfg.dino.out_dim == 0 or cfg.optim.momentum_teacher == 0
+    """True when the method resolves values from the data-set size ('auto' values such as dino.out_dim=0)."""
+    return resolve_auto(cfg, 1000, 1) != resolve_auto(cfg, 10**6, 1)
 
 
 def dataset_size(cfg: RunConfig, args: argparse.Namespace) -> tuple[int, str]:
@@ -370,8 +247,6 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    t = make_stepper(cfg, device)
-    step_dtype = torch.bfloat16 if t.bf16 else torch.float32
     b = cfg.data.batch_size
 
     # ---- batches
@@ -379,13 +254,13 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     if real:
         from fovea.data.loader import make_train_loader
         from fovea.data.sources import build_source, probe_source
-        from fovea.methods.registry import build_train_data
         source = build_source(cfg.data.train)
         probe_source(source)
-        dataset, collate = build_train_data(cfg, source)  # as the Trainer builds it (iBOT / I-JEPA masks)
         plan = make_plan(cfg, len(source), 1)
+        t = make_stepper(cfg, plan, device)
+        dataset, collate = t.spec.train_data(cfg, source, "")  # as the Trainer builds it (iBOT / I-JEPA masks)
         res_n_images = (len(source), "data.train")
-        state = {"epoch": 0, "it": None}
+        state: dict[str, Any] = {"epoch": 0, "it": None}
 
         def next_batch() -> dict:
             while True:
@@ -399,25 +274,16 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
                     state["it"], state["epoch"] = None, state["epoch"] + 1
     else:
         plan = make_plan(cfg, n_images, 1)
+        t = make_stepper(cfg, plan, device)
         res_n_images = (n_images, n_images_from)
-        ijepa = synthetic_ijepa_batch(cfg) if cfg.method == "ijepa" else None
-        crops = synthetic_crops(cfg, device) if ijepa is None else []
-        extra = {}
-        if cfg.ibot.enabled and ijepa is None:  # iBOT block masks of the global crops, as the collate makes them
-            import numpy as np
-
-            from fovea.masking.block import BlockMasker
-            mk = BlockMasker(cfg.crops.global_size // cfg.model.patch_size, cfg.ibot.mask_prob,
-                             tuple(cfg.ibot.mask_ratio), cfg.ibot.mask_min_block)
-            m = torch.from_numpy(np.stack([mk(i) for i in range(b)]))
-            extra["masks"] = m.transpose(0, 1).reshape(2 * b, -1).to(device)
+        synthetic = t.spec.synthetic_batch(cfg, device)  # made once, already on the device
 
         def next_batch() -> dict:
-            if ijepa is not None:
-                return dict(ijepa)
-            return {"crops": list(crops), "skipped": 0, **extra}
-
-    step = args.start_step if args.start_step is not None else plan.freeze_last_layer_steps
+            return {k: (list(v) if isinstance(v, list) else v) for k, v in synthetic.items()}
+    step_dtype = torch.bfloat16 if t.bf16 else torch.float32
+    # default: the first step after the prototypes' freeze (the steady state)
+    step = args.start_step if args.start_step is not None else next(
+        (s for s in range(plan.total_steps) if not t.values(s).sched.get("freeze_last_layer")), 0)
 
     last: dict = {}
 
@@ -427,9 +293,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         batch = next_batch()
         last["batch"] = batch
         t1 = time.perf_counter()
-        sv = step_values(cfg, plan, step)
-        t.step = step
-        logs = t.train_step(batch, sv)
+        logs = t.step(batch, t.values(step))
         sync(device)
         t2 = time.perf_counter()
         step += 1
@@ -439,7 +303,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         one_step()
 
     # ---- FLOPs: analytic, and FlopCounterMode on one extra (untimed) step
-    ana = ijepa_flops(cfg, last.get("batch") or next_batch()) if cfg.method == "ijepa" else analytic_flops(cfg)
+    ana = t.spec.flops(cfg, last.get("batch") or next_batch())
     counted, counter_error = None, None
     if not args.no_flop_counter:
         try:
@@ -465,7 +329,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
 
     tok_g, tok_l = tokens_per_crop(cfg, cfg.crops.global_size), tokens_per_crop(cfg, cfg.crops.local_size)
     n_global, n_local = (1, 0) if cfg.method == "ijepa" else (2, cfg.crops.n_local)
-    d, depth, heads, hid = mlp_hidden(cfg)
+    d, depth, heads, hid = dims(cfg.model)
     res: dict[str, Any] = {
         "preset": cfg.name, "overrides": list(args.all_overrides),
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
@@ -481,13 +345,7 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         "method": cfg.method,
         "crops": {"global": n_global, "local": n_local, "global_size": cfg.crops.global_size,
                   "local_size": cfg.crops.local_size},
-        "tokens_per_image": ({"global_crop": tok_g, "local_crop": 0, "teacher": tok_g,
-                              "student": prefix_tokens(cfg) + ana["per_image"]["context_tokens_padded"],
-                              "predictor": ana["per_image"]["target_blocks"]
-                              * (ana["per_image"]["context_tokens_padded"] + ana["per_image"]["target_tokens_padded"])}
-                             if cfg.method == "ijepa" else
-                             {"global_crop": tok_g, "local_crop": tok_l if n_local else 0,
-                              "student": 2 * tok_g + n_local * tok_l, "teacher": 2 * tok_g}),
+        "tokens_per_image": {"global_crop": tok_g, "local_crop": tok_l if n_local else 0, **ana["tokens_per_image"]},
         "params": param_counts(t),
         "steps": args.steps, "warmup": args.warmup, "first_timed_step": step - args.steps,
         "step_time_s": st, "step_times_s": compute,
@@ -521,7 +379,6 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
     else:
         res["peak_memory"] = {"kind": "ru_maxrss (process peak RSS)", "bytes": peak_rss_bytes(),
                               "mib": mib(peak_rss_bytes()), "rss_before_build_mib": mib(rss_before)}
-    del t
     gc.collect()
     return res
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fovea.config.loader import load_config
+from fovea.methods.registry import spec_for
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
@@ -73,7 +74,8 @@ def test_tiny_model_json_and_analytic_flops(bench, tmp_path, keep_threads):
     # the analytic count for this one-block model is the hand formula, exactly
     assert hand_flops_tiny() == 65_881_600
     assert data["flops"]["analytic"] == hand_flops_tiny()
-    assert bench.analytic_flops(load_config("dino_vittiny_fmnist", TINY))["total"] == hand_flops_tiny()
+    cfg = load_config("dino_vittiny_fmnist", TINY)
+    assert spec_for(cfg.method).flops(cfg, {})["total"] == hand_flops_tiny()  # the method's own count
     # FlopCounterMode sees the same matmuls (attention backward recomputes scores: slightly more)
     if data["flops"]["flop_counter"]:
         assert 0.9 <= data["flops"]["counter_over_analytic"] <= 1.1
@@ -128,7 +130,8 @@ def test_ijepa_step_json_and_analytic_flops(bench, tmp_path, keep_threads):
     assert data["last_loss"] is not None and data["last_loss"] > 0
     # hand count from the padded shapes of the synthetic batch: 32 px / patch 4 = 64 patches, no CLS,
     # D=48 (MLP 192), predictor 24 wide (MLP 96), one block each, batch 4
-    batch = bench.synthetic_ijepa_batch(load_config("ijepa_vittiny_cifar10", IJEPA_TINY))
+    cfg = load_config("ijepa_vittiny_cifar10", IJEPA_TINY)
+    batch = spec_for(cfg.method).synthetic_batch(cfg, torch.device("cpu"))
     b, m, nt = batch["tgt_idx"].shape
     nc = batch["ctx_idx"].shape[1]
     assert (b, m) == (4, 4) and 10 <= nc <= 64 and 1 <= nt <= 64

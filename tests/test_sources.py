@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from fovea.data import fmnist as fmnist_mod
-from fovea.data import sources
 from fovea.data.decode import FileSum, decode_image, read_idx
 from fovea.data.sources import (
     FMNIST_CHECKSUMS, FashionMNISTSource, FolderSource, ParquetSource, SourceConfig,

@@ -92,6 +92,7 @@ def cmd_rasa(args: argparse.Namespace) -> int:
     import torch
 
     from fovea.config.loader import build_section
+    from fovea.data.base import ImageSource
     from fovea.data.sources import SourceConfig, SubsetSource, build_source
     from fovea.hub.backbone import export_backbone, load_backbone
     from fovea.posttrain.rasa import RasaConfig
@@ -101,7 +102,7 @@ def cmd_rasa(args: argparse.Namespace) -> int:
     data = meta.get("data", {}) or {}
     crops = meta.get("crops", {}) or {}
 
-    def source(spec: str | None, key: str, limit: int, what: str) -> object:
+    def source(spec: str | None, key: str, limit: int, what: str) -> ImageSource:
         fields = _parse_source(spec) if spec else (data.get(key) if key else None)
         if not fields:
             raise ConfigError(f"no {what} given and the backbone's config has no data.{key}")

@@ -43,7 +43,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], path)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -271,9 +271,9 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         key = f"{prefix}{f.name}"
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         inner = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and args else tp
-        if dataclasses.is_dataclass(inner):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             rows.extend(describe(inner, key + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         rows.append((key, getattr(inner, "__name__", str(inner)), repr(default), helps.get(f.name, "")))
     return rows

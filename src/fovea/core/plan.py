@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass
 class Plan:
     """How long a run is, in steps. ``epoch_unit`` is the number of steps one schedule "epoch" lasts
     (one pass over the data, or ``optim.epoch_length`` steps: DINOv2 counts 1250-step epochs)."""

@@ -97,8 +97,8 @@ def _high_bit_to_uint8(a: np.ndarray) -> np.ndarray:
     """
     a = np.asarray(a)
     if a.dtype.kind in "ui":
-        lo, hi = int(a.min()), int(a.max())
-        if lo >= 0 and hi <= 65535:
+        ilo, ihi = int(a.min()), int(a.max())
+        if ilo >= 0 and ihi <= 65535:
             return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
         return _minmax(a.astype(np.float64))
     f = a.astype(np.float64)
@@ -122,7 +122,7 @@ def _minmax(f: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- IDX files
 
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

@@ -11,7 +11,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sized, cast
 
 import numpy as np
 import torch
@@ -143,7 +143,7 @@ def make_train_loader(ds: Dataset, batch_size: int, rank: int, world: int, seed:
 
     ``ds`` is keyed by (epoch, index); ``collate_fn`` is the method's (multi-crop by default).
     """
-    sampler = EpochBatchSampler(len(ds), batch_size, rank, world, seed, epoch, start_step)
+    sampler = EpochBatchSampler(len(cast(Sized, ds)), batch_size, rank, world, seed, epoch, start_step)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
                       worker_init_fn=ignore_stop_signals if num_workers else None,

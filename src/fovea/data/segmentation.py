@@ -49,11 +49,10 @@ class SegPairSource:
         img = decode_image(self.images[i])
         if img is None:
             raise ValueError(f"unreadable image {self.images[i]}")
-        with Image.open(self.masks[i]) as m:
-            if m.mode not in ("L", "P", "I", "I;16"):
-                m = m.convert("L")
+        with Image.open(self.masks[i]) as f:
+            m: Image.Image = f if f.mode in ("L", "P", "I", "I;16") else f.convert("L")
             if m.size != (img.shape[1], img.shape[0]):
-                m = m.resize((img.shape[1], img.shape[0]), Image.NEAREST)
+                m = m.resize((img.shape[1], img.shape[0]), Image.Resampling.NEAREST)
             mask = np.asarray(m).astype(np.int64)
         return img, mask
 

@@ -138,7 +138,7 @@ def _is_image(name: str) -> bool:
 
 def _walk_images(root: str) -> list[str]:
     """All image files below ``root`` (recursive, hidden entries skipped), sorted by path."""
-    out = []
+    out: list[str] = []
     for d, subdirs, files in os.walk(root, followlinks=True):
         subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
         out.extend(os.path.join(d, f) for f in files if _is_image(f))

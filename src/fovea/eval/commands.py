@@ -103,7 +103,7 @@ def make_suite(args: argparse.Namespace):
 def settings_from_args(args: argparse.Namespace) -> dict:
     """Per-protocol keyword arguments of the Suite methods from parsed arguments."""
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
-    s: dict = {"knn": {"ks": g("k", [10, 20, 100, 200]), "kinds": g("knn_features", "cls").split(",")},
+    s: dict = {"knn": {"ks": g("k", [10, 20, 100, 200]), "kinds": str(g("knn_features", "cls")).split(",")},
                "linear": {"epochs": g("epochs", 10), "batch_size": g("probe_batch_size", 1024),
                           "val_fraction": g("val_fraction", 0.1)},
                "logreg": {"sweep_limit": g("sweep_limit", 10000), "max_iter": g("max_iter", 1000),

@@ -138,12 +138,8 @@ def nearest_neighbours(bank: Tensor, queries: Tensor, k: int, use_faiss: bool = 
             return torch.from_numpy(sims), torch.from_numpy(idx).long(), "faiss"
         except ImportError:
             pass
-    sims, idx = [], []
-    for lo in range(0, queries.shape[0], 4096):
-        s, i = (queries[lo:lo + 4096] @ bank.T).topk(k, dim=1)
-        sims.append(s)
-        idx.append(i)
-    return torch.cat(sims), torch.cat(idx), "torch"
+    top = [(queries[lo:lo + 4096] @ bank.T).topk(k, dim=1) for lo in range(0, queries.shape[0], 4096)]
+    return torch.cat([t.values for t in top]), torch.cat([t.indices for t in top]), "torch"
 
 
 def hummingbird(train_f: Tensor, train_m: Tensor, test_f: Tensor, test_m: Tensor, num_classes: int,

@@ -28,12 +28,13 @@ def available_kinds(backbone: VisionTransformer, kinds: list[str]) -> list[str]:
 def pool_features(out: Features, kind: str) -> Tensor:
     """Backbone features -> [B, D] (cls, mean_patch) or [B, 2D] (both: each part L2-normalised)."""
     cls, patches = out.cls, out.patches
-    if cls is None and kind in ("cls", "both"):
-        raise ValueError(f"feature kind {kind!r} needs a CLS token; this backbone has none (use mean_patch)")
-    if kind == "cls":
-        return cls
     if kind == "mean_patch":
         return patches.mean(1)
+    if cls is None and kind in ("cls", "both"):
+        raise ValueError(f"feature kind {kind!r} needs a CLS token; this backbone has none (use mean_patch)")
+    assert cls is not None
+    if kind == "cls":
+        return cls
     if kind == "both":
         return torch.cat([F.normalize(cls, dim=1), F.normalize(patches.mean(1), dim=1)], dim=1)
     raise ValueError(f"unknown feature kind {kind!r}; choose one of {FEATURE_KINDS}")

@@ -65,9 +65,9 @@ def cls_attention(backbone: VisionTransformer, x: Tensor) -> Tensor:
     """
     t = backbone.prepare_tokens(x)
     rope = backbone.rope_for(x)
-    for blk in backbone.blocks[:-1]:
+    *first, last = backbone.block_list
+    for blk in first:
         t = blk(t, rope=rope)
-    last = backbone.blocks[-1]
     att = last.attn.attention_map(last.norm1(t), rope)  # [B, heads, N, N]
     np_, p = backbone.n_prefix, backbone.patch_size
     a = att[:, :, 0, np_:] if backbone.n_cls else att[:, :, np_:, np_:].mean(2)

@@ -6,6 +6,8 @@ sources default to the run's ``data.eval_train`` / ``data.eval_test``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +122,8 @@ class Suite:
             return "mean_patch" + at + w
         return kind
 
-    def knn(self, ks: list[int] = (10, 20, 100, 200), temperature: float = 0.07,
-            kinds: list[str] = ("cls",)) -> dict:
+    def knn(self, ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
+            kinds: Sequence[str] = ("cls",)) -> dict:
         """{"features": {kind: {"k=K": top-1 %}}, "temperature"}."""
         from fovea.eval.knn import knn_accuracy
         tr, te = self.bank("train"), self.bank("test")
@@ -146,7 +148,7 @@ class Suite:
         return {**logreg_eval(tr.get(kind), tr.labels, te.get(kind), te.labels, cs, 0.1, sweep_limit, max_iter,
                               self.opts.seed), "features": kind}
 
-    def fewshot(self, shots: list[int] = (1, 5, 10), draws: int = 5, kind: str = "cls", c: float = 1.0) -> dict:
+    def fewshot(self, shots: Sequence[int] = (1, 5, 10), draws: int = 5, kind: str = "cls", c: float = 1.0) -> dict:
         """See :func:`fovea.eval.fewshot.fewshot_eval`."""
         from fovea.eval.fewshot import fewshot_eval
         tr, te = self.bank("train"), self.bank("test")
@@ -154,7 +156,7 @@ class Suite:
         return {"shots": fewshot_eval(tr.get(kind), tr.labels, te.get(kind), te.labels, list(shots), draws, c,
                                       seed=self.opts.seed), "features": kind, "draws": draws, "C": c}
 
-    def ood(self, ks: list[int] = (1, 50), kind: str = "cls") -> dict:
+    def ood(self, ks: Sequence[int] = (1, 50), kind: str = "cls") -> dict:
         """k-th-NN OOD: bank = train, positives = test, negatives = the --ood source."""
         from fovea.eval.ood import ood_eval
         tr, te, oo = self.bank("train"), self.bank("test"), self.bank("ood")

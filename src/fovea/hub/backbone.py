@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fovea.models.vit import ViTConfig, VisionTransformer
-from fovea.core.checkpoint import load_checkpoint, public_mode
+from fovea.core.checkpoint import public_mode
 
 
 def export_backbone(backbone: VisionTransformer, out_dir: str | Path, extra: dict | None = None) -> Path:

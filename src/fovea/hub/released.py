@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fovea.models.layers import swiglu_hidden
-from fovea.models.vit import ARCHS, ViTConfig
+from fovea.models.vit import ARCHS, ViTConfig, VisionTransformer
 from fovea.core.checkpoint import load_checkpoint
 
 HEAD_DIM = {"dinov2": 64, "franca": 64, "dino": 64, "dinov3": 64, "ijepa": 80}  # released head widths (I-JEPA ViT-H: 80)
@@ -43,7 +43,7 @@ class Imported:
     head_shapes: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)  # e.g. the DINO v1 centre
     predictor: dict[str, Tensor] = field(default_factory=dict)  # I-JEPA predictor (fovea Predictor names)
-    predictor_shape: dict[str, int] = field(default_factory=dict)
+    predictor_shape: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was not imported, or filled in, by name
 
 
@@ -323,7 +323,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 EXPORT_FORMATS = ("dinov2", "timm")
 
 
-def export_state_dict(model: "torch.nn.Module", fmt: str = "dinov2") -> dict[str, Tensor]:
+def export_state_dict(model: VisionTransformer, fmt: str = "dinov2") -> dict[str, Tensor]:
     """A fovea backbone as a plain state dict in a released layout.
 
     ``dinov2``: the DINOv2 hub layout (``blocks.<i>``, ``register_tokens``, ``mask_token``, SwiGLU

@@ -22,6 +22,8 @@ class DINOLoss(nn.Module):
     (over all ranks), updated by :meth:`update_center` after the loss (used from the next step).
     """
 
+    center: Tensor
+
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
         self.student_temp = student_temp
@@ -57,10 +59,10 @@ def cross_view_loss(student: Tensor, teacher_probs: Tensor, n_global: int, stude
     p_t = teacher_probs.chunk(n_global)
     log_s = F.log_softmax(student.float() / student_temp, dim=-1)
     n_crops = student.shape[0] // p_t[0].shape[0]
-    log_s = log_s.chunk(n_crops)
+    log_s_crops = log_s.chunk(n_crops)
     total, n_pairs = student.new_zeros((), dtype=torch.float32), 0
     for i, pt in enumerate(p_t):
-        for j, ls in enumerate(log_s):
+        for j, ls in enumerate(log_s_crops):
             if i == j:
                 continue
             total = total - (pt * ls).sum(-1).mean()

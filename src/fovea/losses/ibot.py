@@ -1,7 +1,6 @@
 """iBOT masked-patch self-distillation loss (METHODS.md section 2)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -60,8 +60,8 @@ class MultiBlockSampler:
         if min_context > grid_h * grid_w:
             raise ValueError(f"min_context={min_context} exceeds the {grid_h}x{grid_w} grid")
         self.gh, self.gw, self.m = grid_h, grid_w, num_targets
-        self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
-        self.context_scale, self.context_aspect = tuple(context_scale), tuple(context_aspect)
+        self.target_scale, self.target_aspect = target_scale, target_aspect
+        self.context_scale, self.context_aspect = context_scale, context_aspect
         self.min_context, self.max_tries = min_context, max_tries
 
     def block(self, rng: np.random.Generator, scale: tuple[float, float], aspect: tuple[float, float]) -> Block:

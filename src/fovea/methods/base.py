@@ -11,6 +11,7 @@ from fovea.config.schema import RunConfig
 from fovea.core.plan import Plan
 from fovea.core.schedules import auto_momentum, ema_momentum
 from fovea.data.loader import EpochBatchSampler
+from fovea.models.vit import VisionTransformer
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Method(nn.Module):
     def after_step(self, sv: StepValues) -> None:
         """Called after each optimizer step: EMA teachers, snapshots."""
 
-    def eval_backbone(self) -> nn.Module:
+    def eval_backbone(self) -> VisionTransformer:
         """The backbone to evaluate/export (the teacher's, for self-distillation)."""
         raise NotImplementedError
 
@@ -76,7 +77,7 @@ class Method(nn.Module):
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same order)."""
     s = [p.detach() for p in student.parameters()]
-    t = list(teacher.parameters())
+    t: list[Tensor] = list(teacher.parameters())
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 

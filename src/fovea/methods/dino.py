@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +19,13 @@ from torch import Tensor, nn
 from fovea.config.schema import RunConfig
 from fovea.data.augment import normalize
 from fovea.methods.base import Method, StepValues, ema_update
-from fovea.methods.terms import TERMS, Outputs, Parts, StepInput
+from fovea.methods.terms import TERMS, Outputs, Parts, StepInput, Term
 from fovea.models.heads import DINOHead
 from fovea.models.matryoshka import MatryoshkaHead, nesting_widths
 from fovea.models.vit import VisionTransformer
+
+
+Head = DINOHead | MatryoshkaHead
 
 
 class Student(nn.Module):
@@ -36,7 +39,11 @@ class Student(nn.Module):
     ``head`` itself when the head is shared.
     """
 
-    def __init__(self, backbone: VisionTransformer, head: nn.Module, patch_head: nn.Module | None = None,
+    backbone: VisionTransformer
+    head: Head
+    patch_head: Head | None
+
+    def __init__(self, backbone: VisionTransformer, head: Head, patch_head: Head | None = None,
                  shared_head: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
@@ -75,6 +82,9 @@ class DINO(Method):
     larger global crops at the end of ``crops`` when ``gram.teacher_size`` is set.
     """
 
+    student: Student
+    teacher: Student
+
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -84,7 +94,7 @@ class DINO(Method):
             raise ValueError("dino.out_dim=0 (auto) must be resolved first (fovea.methods.dino_spec.resolve)")
         self.widths = nesting_widths(backbone.embed_dim, mt.widths) if mt.enabled else [backbone.embed_dim]
 
-        def make_head(k: int, hidden: int, bottleneck: int) -> nn.Module:
+        def make_head(k: int, hidden: int, bottleneck: int) -> Head:
             if mt.enabled:
                 return MatryoshkaHead(backbone.embed_dim, k, self.widths, hidden, bottleneck, d.nlayers,
                                       d.norm_last_layer, d.use_bn, mt.l2_norm, mt.input)
@@ -100,7 +110,7 @@ class DINO(Method):
         self.student = Student(backbone, head, patch_head, shared_head=ib.enabled and not ib.separate_head)
         # The teacher is a separate deep copy (never aliased), without stochastic depth, frozen, eval mode.
         self.teacher = copy.deepcopy(self.student)
-        for blk in self.teacher.backbone.blocks:
+        for blk in self.teacher.backbone.block_list:
             blk.drop_path_rate = 0.0
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -148,7 +158,7 @@ class DINO(Method):
         s = Outputs(*self.student_fwd(x.crops, x.masks, x.masks))
         logs: dict[str, Tensor] = {}
         loss: Tensor | None = None
-        for name, term in self.terms.items():
+        for name, term in self.term_list():
             value, term_logs = term(s, t, x, sv)
             logs.update(term_logs)
             logs[f"loss/{name}"] = value.detach()
@@ -167,8 +177,12 @@ class DINO(Method):
     def after_step(self, sv: StepValues) -> None:
         # head warm-up (continued pretraining): the teacher is the student
         ema_update(self.teacher, self.student, 0.0 if sv.heads_only else sv.sched["momentum"])
-        for term in self.terms.values():
+        for _, term in self.term_list():
             term.after_step(self.teacher.backbone, sv)
+
+    def term_list(self) -> list[tuple[str, Term]]:
+        """The enabled loss terms in summation order, typed."""
+        return [(name, cast(Term, term)) for name, term in self.terms.items()]
 
     def eval_backbone(self) -> VisionTransformer:
         return self.teacher.backbone

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from fovea.config.schema import RunConfig
 from fovea.core.plan import Plan
-from fovea.core.schedules import linear_warmup_constant
+from fovea.core.schedules import linear_warmup_constant, pair
 from fovea.data.base import ImageSource
 from fovea.methods.base import ema_schedule_value, resolve_momentum
 from fovea.methods.dino import DINO
@@ -79,7 +79,7 @@ def train_data(cfg: RunConfig, source: ImageSource, phase: str = "") -> tuple[Da
     masker = None
     if cfg.ibot.enabled:
         ib = cfg.ibot
-        masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, tuple(ib.mask_ratio),
+        masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, pair(ib.mask_ratio),
                              ib.mask_min_block, ib.mask_type, ib.mask_roll)
     extra = gram_size(cfg, crops.global_size)
     return MultiCropDataset(source, MultiCrop(crops, extra_global_size=extra), cfg.train.seed, masker), collate_multicrop
@@ -136,7 +136,7 @@ def synthetic_batch(cfg: RunConfig, device: torch.device) -> dict:
                                        for s in sizes if s], "skipped": 0}
     if cfg.ibot.enabled:
         ib = cfg.ibot
-        mk = BlockMasker(c.global_size // cfg.model.patch_size, ib.mask_prob, tuple(ib.mask_ratio),
+        mk = BlockMasker(c.global_size // cfg.model.patch_size, ib.mask_prob, pair(ib.mask_ratio),
                          ib.mask_min_block, ib.mask_type, ib.mask_roll)
         m = torch.from_numpy(np.stack([mk(cfg.train.seed * 1_000_003 + i, 2) for i in range(b)]))
         batch["masks"] = m.transpose(0, 1).reshape(2 * b, -1).to(device)

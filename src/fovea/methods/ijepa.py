@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from fovea.config.schema import RunConfig
 from fovea.core.batch import to_device
 from fovea.core.plan import Plan
+from fovea.core.schedules import pair
 from fovea.data.augment import normalize
 from fovea.data.base import ImageSource
 from fovea.losses.jepa import jepa_loss, jepa_targets
@@ -31,6 +32,9 @@ from fovea.models.vit import VisionTransformer
 class ContextPredictor(nn.Module):
     """Context encoder + predictor: ``forward(x, ctx_idx, ctx_valid, tgt_idx, tgt_valid)`` -> [B*M, Nt, D]."""
 
+    backbone: VisionTransformer
+    predictor: Predictor
+
     def __init__(self, backbone: VisionTransformer, predictor: Predictor) -> None:
         super().__init__()
         self.backbone = backbone
@@ -43,6 +47,8 @@ class ContextPredictor(nn.Module):
 
 class TargetEncoder(nn.Module):
     """Holds the EMA backbone under the name ``backbone`` (checkpoint keys ``teacher.backbone.*``)."""
+
+    backbone: VisionTransformer
 
     def __init__(self, backbone: VisionTransformer) -> None:
         super().__init__()
@@ -67,6 +73,9 @@ def feature_std(x: Tensor) -> Tensor:
 class IJEPA(Method):
     """I-JEPA method. A batch is the output of :class:`fovea.data.single_view.MaskCollate`."""
 
+    student: ContextPredictor
+    teacher: TargetEncoder
+
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -79,7 +88,7 @@ class IJEPA(Method):
                               sincos_layout=cfg.model.sincos_layout)
         self.student = ContextPredictor(backbone, predictor)
         target = copy.deepcopy(backbone)  # separate object, never aliased
-        for blk in target.blocks:
+        for blk in target.block_list:
             blk.drop_path_rate = 0.0
         for p in target.parameters():
             p.requires_grad_(False)
@@ -127,8 +136,8 @@ def mask_collate(cfg: RunConfig) -> Callable[[list], dict]:
     from fovea.masking.multiblock import MultiBlockSampler
     j = cfg.ijepa
     grid = cfg.crops.global_size // cfg.model.patch_size
-    sampler = MultiBlockSampler(grid, grid, j.num_targets, tuple(j.target_scale), tuple(j.target_aspect),
-                                tuple(j.context_scale), tuple(j.context_aspect), j.min_context)
+    sampler = MultiBlockSampler(grid, grid, j.num_targets, pair(j.target_scale), pair(j.target_aspect),
+                                pair(j.context_scale), pair(j.context_aspect), j.min_context)
     return MaskCollate(sampler, j.equalize)
 
 

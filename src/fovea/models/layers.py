@@ -145,6 +145,10 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
 
+    norm1: nn.LayerNorm
+    attn: "Attention"
+    drop_path_rate: float
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
                  drop_path_rate: float, layerscale_init: float, norm_eps: float,
                  ffn: str = "mlp", drop_path_mode: str = "plain", swiglu_ratio: float = 4.0) -> None:

@@ -7,6 +7,8 @@ backbone token, so the backbone's leading coordinates themselves become a usable
 """
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from fovea.models.heads import DINOHead
@@ -52,13 +54,18 @@ class MatryoshkaHead(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(embed_dim, d) for d in self.widths) if input_mode == "linear" else None
 
     @property
+    def heads(self) -> list[DINOHead]:
+        """The level heads, typed (``self.levels`` is an ``nn.ModuleList``)."""
+        return cast(list[DINOHead], list(self.levels))
+
+    @property
     def last_layer_modules(self) -> list[nn.Module]:
         """Prototype layers of every level (frozen together during 'freeze last layer')."""
-        return [h.last_layer for h in self.levels]
+        return [h.last_layer for h in self.heads]
 
     def level_input(self, x: Tensor, m: int) -> Tensor:
         """Input of level m: ``x[..., :d_m]`` (slice) or ``proj[m](x)`` (linear), [N, d_m]."""
         return self.proj[m](x) if self.proj is not None else x[..., :self.widths[m]]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        return [head.logits(self.level_input(x, m)) for m, head in enumerate(self.levels)]
+        return [head.logits(self.level_input(x, m)) for m, head in enumerate(self.heads)]

@@ -18,6 +18,8 @@ class Predictor(nn.Module):
     """``forward(ctx [B,Nc,D], ctx_idx [B,Nc], ctx_valid [B,Nc], tgt_idx [B,M,Nt], tgt_valid [B,M,Nt])``
     -> predictions [B*M, Nt, D] (row ``b*M + m`` is image b's target block m)."""
 
+    predictor_pos_embed: Tensor
+
     def __init__(self, embed_dim: int, grid_h: int, grid_w: int, pred_dim: int = 384, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, sincos_layout: str = "col_row") -> None:

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 class Rope(nn.Module):
     """``forward(h, w)`` -> (sin, cos), each [h*w, head_dim], for an h x w patch grid (row-major)."""
 
+    periods: Tensor
+
     def __init__(self, head_dim: int, base: float = 100.0) -> None:
         super().__init__()
         if head_dim % 4:

@@ -10,8 +10,8 @@ without renaming. Packed multi-crop forwards live in :mod:`fovea.models.packing`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +85,11 @@ class Features:
 
     def split(self, sizes: list[int]) -> list["Features"]:
         """Per-chunk features of a batch made of chunks of ``sizes`` images."""
-        parts = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).split(sizes))
-                 for f in fields(self)}
-        return [Features(**{k: (None if v is None else v[i]) for k, v in parts.items()}) for i in range(len(sizes))]
+        def parts(t: Tensor | None) -> list[Tensor | None]:
+            return [None] * len(sizes) if t is None else list(t.split(sizes))
+        cls, masks = parts(self.cls), parts(self.masks)
+        regs, patches, prenorm = self.registers.split(sizes), self.patches.split(sizes), self.prenorm.split(sizes)
+        return [Features(cls[i], regs[i], patches[i], prenorm[i], masks[i]) for i in range(len(sizes))]
 
 
 class VisionTransformer(nn.Module):
@@ -96,6 +98,8 @@ class VisionTransformer(nn.Module):
     ``forward_features(x [B,C,H,W], masks [B, Np] bool | None)`` returns :class:`Features`;
     ``forward`` returns the CLS (the mean patch token without CLS).
     """
+
+    patch_proj: Tensor | None
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -138,7 +142,7 @@ class VisionTransformer(nn.Module):
 
     def init_weights(self) -> None:
         """Truncated-normal(0.02) for linear layers and embeddings, cls 1e-6 (DINOv2 style)."""
-        if self.cfg.pos_embed == "sincos":
+        if self.cfg.pos_embed == "sincos" and self.pos_embed is not None:
             g = int(math.isqrt(self.pos_embed.shape[1] - self.n_cls))
             with torch.no_grad():
                 self.pos_embed.zero_()
@@ -167,6 +171,8 @@ class VisionTransformer(nn.Module):
         ``model.interpolate_antialias``; sincos: recomputed for h x w.
         """
         c = self.n_cls
+        if self.pos_embed is None:
+            raise ValueError("this backbone has no position table (model.pos_embed=rope)")
         g = int(math.isqrt(self.pos_embed.shape[1] - c))
         if h_patches == g and w_patches == g:
             return self.pos_embed
@@ -186,6 +192,11 @@ class VisionTransformer(nn.Module):
                              f"{h_patches} x {w_patches} patches (model.interpolate_offset={off})")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, -1)
         return torch.cat([cls_pos, patch_pos.to(cls_pos.dtype)], dim=1)
+
+    @property
+    def block_list(self) -> list[Block]:
+        """The blocks, typed (``self.blocks`` is an ``nn.ModuleList``)."""
+        return cast(list[Block], list(self.blocks))
 
     @property
     def n_prefix(self) -> int:
@@ -295,7 +306,7 @@ class VisionTransformer(nn.Module):
         """Crops of equal resolution concatenated: (crop indices, images [sum B_i, C, H, W], masks or None)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(xs):
-            groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+            groups.setdefault((x.shape[-2], x.shape[-1]), []).append(i)
         res = []
         for idx in groups.values():
             x = torch.cat([xs[i] for i in idx])

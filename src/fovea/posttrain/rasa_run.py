@@ -76,7 +76,7 @@ def fold_check(original: VisionTransformer, folded: VisionTransformer, p: Tensor
     ref = a.patches @ p.to(device, a.patches.dtype).T
     return {"images": int(x.shape[0]),
             "max_abs_diff_patches": float((b.patches - ref).abs().max()),
-            "cls_identical": bool(torch.equal(a.cls, b.cls))}
+            "cls_identical": a.cls is not None and b.cls is not None and bool(torch.equal(a.cls, b.cls))}
 
 
 def run_rasa(backbone: VisionTransformer, fit_source: ImageSource, val_source: ImageSource, cfg: RasaConfig,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fovea.config.schema import RunConfig
+from fovea.methods.base import Method
 
 #: ViTConfig keys that describe the architecture (taken from the loaded backbone)
 ARCH_KEYS = ("arch", "patch_size", "img_size", "in_chans", "num_register_tokens", "ffn", "layerscale_init", "qkv_bias",
@@ -81,15 +82,17 @@ def _load_head(module: nn.Module | None, sd: dict[str, torch.Tensor] | None) -> 
     return "loaded"
 
 
-def load_init(method: nn.Module, path: str) -> dict[str, str]:
+def load_init(method: Method, path: str) -> dict[str, str]:
     """Load the backbone (and matching heads) of ``path`` into the student and teacher of ``method``.
 
     Returns {"backbone": "loaded", "dino_head": "loaded" | "absent" | "shape differs", ...}."""
     from fovea.hub.backbone import load_backbone
     backbone, _ = load_backbone(path)
     state = backbone.state_dict()
-    for net in (method.student, method.teacher):
-        missing, unexpected = net.backbone.load_state_dict(state, strict=False)
+    for net in (method.student, getattr(method, "teacher")):
+        target = getattr(net, "backbone")
+        assert isinstance(target, nn.Module)
+        missing, unexpected = target.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"train.init_from: backbone keys differ from the model: missing {missing[:6]}, "
                              f"unexpected {unexpected[:6]}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -235,7 +236,7 @@ class Trainer:
                                        pin_memory=self.device.type == "cuda", collate_fn=self.collate)
             stopped = self._stop_requested()
             with stop_signals_blocked():  # workers start with SIGTERM / SIGINT held, then ignore them
-                batches = iter([] if stopped else loader)
+                batches: Iterator[dict] = iter([] if stopped else loader)
             for batch in batches:
                 self.skipped += int(batch["skipped"])
                 sv = self.stepper.values(self.step)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fovea.config.schema import OptimConfig
+from fovea.core.schedules import pair
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
@@ -63,7 +64,7 @@ def param_groups(model: nn.Module, layer_decay: float = 1.0, patch_embed_lr_mult
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (lr / wd are set every step by :func:`apply_hparams`)."""
     groups = param_groups(model, cfg.layer_decay, cfg.patch_embed_lr_mult)
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=0.0, betas=pair(cfg.betas), weight_decay=0.0)
 
 
 def apply_hparams(opt: torch.optim.Optimizer, lr: float, wd: float, backbone_scale: float = 1.0) -> None:

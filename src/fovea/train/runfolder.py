@@ -39,8 +39,8 @@ def open_run_sources(cfg: RunConfig) -> dict[str, ImageSource]:
             missing = [k for k, v in pair if v is None]
             raise ValueError(f"eval.final={cfg.eval.final} needs labelled splits: set {' and '.join(missing)}")
         if len(given) == 1:
-            missing = next(k for k, v in pair if v is None)
-            raise ValueError(f"{given[0]} is set but {missing} is not: k-NN needs both (set {missing}, or "
+            absent = next(k for k, v in pair if v is None)
+            raise ValueError(f"{given[0]} is set but {absent} is not: k-NN needs both (set {absent}, or "
                              f"{given[0]}=null to train without evaluation)")
         want += [(k, v) for k, v in pair if v is not None]
     out: dict[str, ImageSource] = {}

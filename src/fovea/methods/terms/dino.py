@@ -3,6 +3,8 @@ one loss per head level (Matryoshka, section 4), weighted sum."""
 from __future__ import annotations
 
 import torch
+from typing import cast
+
 from torch import Tensor, nn
 
 from fovea.config.schema import RunConfig
@@ -36,6 +38,11 @@ class DINOTerm(Term):
         self.cfg, self.widths, self.level_weights = parts.cfg, parts.widths, parts.level_weights
         self.levels = nn.ModuleList(DINOLoss(k, d.student_temp, d.center_momentum) for k in parts.cls_out_dims)
 
+    @property
+    def losses(self) -> list[DINOLoss]:
+        """One loss (with its EMA centre) per head level, typed."""
+        return cast(list[DINOLoss], list(self.levels))
+
     def weight(self, sv: StepValues) -> float:
         return self.cfg.dino.loss_weight
 
@@ -44,7 +51,7 @@ class DINOTerm(Term):
         logs: dict[str, Tensor] = {}
         loss = s.cls.new_zeros((), dtype=torch.float32)
         last, multi = len(self.levels) - 1, len(self.levels) > 1
-        for m, (fn, t_l, s_l) in enumerate(zip(self.levels, t.cls_logits, s.cls_logits, strict=True)):
+        for m, (fn, t_l, s_l) in enumerate(zip(self.losses, t.cls_logits, s.cls_logits, strict=True)):
             p_t = teacher_targets(t_l, fn, d.centering, sv.sched["teacher_temp"], d.sinkhorn_iters)
             l_m = cross_view_loss(s_l, p_t, 2, d.student_temp)
             loss = loss + self.level_weights[m] * l_m

@@ -3,6 +3,8 @@ teacher's targets at the same positions; one loss per head level (Matryoshka).""
 from __future__ import annotations
 
 import torch
+from typing import cast
+
 from torch import Tensor, nn
 
 from fovea.config.schema import RunConfig
@@ -27,6 +29,11 @@ class IBOTTerm(Term):
         self.levels = nn.ModuleList(DINOLoss(k, c.dino.student_temp, c.ibot.center_momentum)
                                     for k in parts.patch_out_dims)
 
+    @property
+    def losses(self) -> list[DINOLoss]:
+        """One loss (with its EMA centre) per head level, typed."""
+        return cast(list[DINOLoss], list(self.levels))
+
     def weight(self, sv: StepValues) -> float:
         return self.cfg.ibot.loss_weight
 
@@ -41,7 +48,7 @@ class IBOTTerm(Term):
         multi = len(self.levels) > 1
         logs: dict[str, Tensor] = {}
         loss = s.cls.new_zeros((), dtype=torch.float32)
-        for m, (fn, t_l, s_l) in enumerate(zip(self.levels, t.patch_logits, s.patch_logits, strict=True)):
+        for m, (fn, t_l, s_l) in enumerate(zip(self.losses, t.patch_logits, s.patch_logits, strict=True)):
             p_patch = teacher_targets(t_l, fn, self.centering, sv.sched["teacher_temp"],
                                       self.cfg.dino.sinkhorn_iters, n_masked)
             l_m = ibot_patch_loss(s_l, p_patch, weights, masks.shape[0], self.cfg.dino.student_temp)
