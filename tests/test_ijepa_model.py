@@ -8,7 +8,7 @@ import torch
 
 from fovea.config.loader import load_config
 from fovea.data.single_view import MaskCollate
-from fovea.eval.features import available_kinds, pool_features
+from fovea.eval.features import available_kinds
 from fovea.losses.jepa import jepa_loss, jepa_targets
 from fovea.masking.multiblock import MultiBlockSampler
 from fovea.methods.base import StepValues
@@ -77,8 +77,7 @@ def test_no_cls_eval_uses_mean_patch() -> None:
     assert available_kinds(tiny_vit(), ["cls", "both"]) == ["cls", "both"]
     x = torch.randn(2, 3, 16, 16)
     out = m.forward_features(x)
-    with pytest.raises(ValueError, match="CLS"):
-        pool_features(out, "cls")
+    assert out.cls is None
     assert torch.allclose(m(x), out.patches.mean(1))
 
 

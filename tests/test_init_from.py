@@ -57,7 +57,10 @@ def test_init_from_run_without_heads_warms_up_the_heads_first(images: Path, tmp_
     s, te = t.method.student, t.method.teacher
     assert all(torch.equal(v, bb0[k]) for k, v in s.backbone.state_dict().items())  # backbone frozen
     assert not all(torch.equal(v, head0[k]) for k, v in s.head.state_dict().items())  # heads moved
-    assert all(torch.equal(v, s.head.state_dict()[k]) for k, v in te.head.state_dict().items())  # teacher = student
+    assert all(torch.equal(v, bb0[k]) for k, v in te.backbone.state_dict().items())  # teacher backbone too
+    # the teacher's heads follow by EMA (optim.head_warmup_teacher=ema): moved, but not equal to the student's
+    assert not all(torch.equal(v, head0[k]) for k, v in te.head.state_dict().items() if v.is_floating_point())
+    assert not all(torch.equal(v, s.head.state_dict()[k]) for k, v in te.head.state_dict().items())
     # then the backbone trains
     t2 = trainer(images, tmp_path / "b", "optim.max_steps=6", f"train.init_from={tmp_path / 'a' / 'backbone.safetensors'}",
                  "optim.head_warmup_steps=3", "optim.backbone_lr_mult=0.5", "train.resume_force=true")

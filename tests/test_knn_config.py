@@ -13,8 +13,7 @@ from fovea.config.loader import dump_yaml, load_config, preset_names
 from fovea.errors import ConfigError
 from fovea.data.augment import CropsConfig, MultiCrop
 from fovea.data.loader import EpochBatchSampler
-from fovea.eval.features import pool_features
-from fovea.models.vit import Features
+from fovea.eval.bank import FeatureBank
 from fovea.eval.knn import knn_accuracy, knn_classify
 from fovea.hub.backbone import export_backbone, load_backbone
 from fovea.models.vit import ViTConfig, VisionTransformer
@@ -102,14 +101,15 @@ def test_knn_accuracy_excludes_unlabelled():
 
 # --------------------------------------------------------------------------- feature pooling
 
-def test_pool_features_kinds():
+def test_feature_bank_kinds():
     g = torch.Generator().manual_seed(0)
     cls = torch.randn(3, 6, generator=g) * 4
     patches = torch.randn(3, 5, 6, generator=g)
-    out = Features(cls=cls, registers=patches[:, :0], patches=patches, prenorm=patches, masks=None)
-    assert torch.equal(pool_features(out, "cls"), cls)
-    mean = pool_features(out, "mean_patch")
-    both = pool_features(out, "both")
+    bank = FeatureBank(cls=cls[:, None], mean_patch=patches.mean(1), registers=patches[:, :0],
+                       labels=torch.zeros(3, dtype=torch.long))
+    assert torch.equal(bank.get("cls"), cls)
+    mean = bank.get("mean_patch")
+    both = bank.get("both")
     assert tuple(mean.shape) == (3, 6) and tuple(both.shape) == (3, 12)
     for b in range(3):
         m = [sum(patches[b, t, d].item() for t in range(5)) / 5 for d in range(6)]
@@ -119,7 +119,9 @@ def test_pool_features_kinds():
         assert both[b, :6].tolist() == pytest.approx([v / nc for v in cls[b].tolist()], abs=1e-6)
         assert both[b, 6:].tolist() == pytest.approx([v / nm for v in m], abs=1e-6)
     with pytest.raises(ValueError):
-        pool_features(out, "gem")
+        bank.get("gem")
+    with pytest.raises(ValueError, match="register"):
+        bank.get("registers")
 
 
 # --------------------------------------------------------------------------- config

@@ -200,6 +200,8 @@ def validate(cfg: RunConfig) -> None:
     o = cfg.optim
     need(o.head_warmup_steps >= 0 and o.backbone_warmup_steps >= 0 and o.backbone_lr_mult >= 0,
          "optim.head_warmup_steps, optim.backbone_warmup_steps and optim.backbone_lr_mult must be >= 0")
+    need(o.head_warmup_teacher in ("ema", "student"),
+         f"optim.head_warmup_teacher: {o.head_warmup_teacher!r} not one of ema, student")
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
     need(cfg.optim.lr_scaling in ("linear256", "sqrt1024", "none"),
          f"optim.lr_scaling: {cfg.optim.lr_scaling!r} not one of linear256, sqrt1024, none")

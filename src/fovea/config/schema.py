@@ -144,7 +144,8 @@ class OptimConfig:
     epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
     layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
-    head_warmup_steps: int = 0  # with train.init_from and fresh heads: first N steps train only the heads (backbone lr 0, teacher = student)
+    head_warmup_steps: int = 0  # with train.init_from and fresh heads: first N steps train only the heads (backbone lr 0; the teacher's backbone is the student's)
+    head_warmup_teacher: str = "ema"  # teacher heads during the head warm-up: ema (the usual momentum) | student (copied each step; collapses DINO's EMA-centred heads)
     backbone_lr_mult: float = 1.0  # backbone lr = lr x this (continued pretraining: a low backbone lr)
     backbone_warmup_steps: int = 0  # after the head warm-up, the backbone lr rises linearly over these steps (0 = at once)
 

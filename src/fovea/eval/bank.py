@@ -44,6 +44,7 @@ class FeatureBank:
     registers: Tensor
     labels: Tensor
     has_cls: bool = True
+    skipped: int = 0  # unreadable items of the source (each replaced by the next readable one)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -83,7 +84,7 @@ class FeatureBank:
 
     def state(self) -> dict:
         return {"cls": self.cls, "mean_patch": self.mean_patch, "registers": self.registers, "labels": self.labels,
-                "has_cls": self.has_cls}
+                "has_cls": self.has_cls, "skipped": self.skipped}
 
 
 def forward_bank(backbone: VisionTransformer, x: Tensor, n_last: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,19 +92,23 @@ def forward_bank(backbone: VisionTransformer, x: Tensor, n_last: int) -> tuple[T
     (CLS of the last n blocks [B, n, D], mean patch of the last block [B, D], registers [B, R, D]).
 
     Token layout ``[CLS?, registers..., patches...]``; without a CLS token (I-JEPA) each block's
-    slot holds its mean patch token (patches through the final LayerNorm, then averaged).
+    slot holds its mean patch token (patches through the final LayerNorm, then averaged). The last
+    block's patch tokens go through the backbone's patch projection (a folded RASA map) like
+    ``forward_features(x).patches``.
     """
     t = backbone.prepare_tokens(x)
     rope = backbone.rope_for(x)
     c, np_ = backbone.n_cls, backbone.n_prefix
     first = backbone.depth - n_last
     cls = []
-    for i, blk in enumerate(backbone.blocks):
+    last_i = backbone.depth - 1
+    for i, blk in enumerate(backbone.block_list):
         t = blk(t, rope=rope)
         if i >= first:
-            cls.append(backbone.norm(t[:, :1]) if c else backbone.norm(t[:, np_:]).mean(1, keepdim=True))
+            pooled = backbone.norm(t[:, np_:]) if i < last_i else backbone.project_patches(backbone.norm(t[:, np_:]))
+            cls.append(backbone.norm(t[:, :1]) if c else pooled.mean(1, keepdim=True))
     last = backbone.norm(t)
-    return torch.cat(cls, 1), last[:, np_:].mean(1), last[:, c:np_]
+    return torch.cat(cls, 1), backbone.project_patches(last[:, np_:]).mean(1), last[:, c:np_]
 
 
 @torch.no_grad()
@@ -117,7 +122,7 @@ def extract_bank(backbone: VisionTransformer, source: ImageSource, size: int, de
     n_last = max(1, min(n_last, backbone.depth))
     loader = make_eval_loader(EvalDataset(source, size), batch_size, num_workers)
     outs: list[tuple[Tensor, Tensor, Tensor]] = []
-    labels = []
+    labels, skipped = [], 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -126,9 +131,10 @@ def extract_bank(backbone: VisionTransformer, source: ImageSource, size: int, de
             c, m, r = forward_bank(backbone, x, n_last)
         outs.append((c.float().cpu(), m.float().cpu(), r.float().cpu()))
         labels.append(batch["labels"])
+        skipped += int(batch["skipped"])
     backbone.train(was_training)
     return FeatureBank(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]),
-                       torch.cat([o[2] for o in outs]), torch.cat(labels), backbone.n_cls > 0)
+                       torch.cat([o[2] for o in outs]), torch.cat(labels), backbone.n_cls > 0, skipped)
 
 
 def cache_key(checkpoint: str | Path, which: str, source: ImageSource, size: int, n_last: int) -> str:

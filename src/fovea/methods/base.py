@@ -25,7 +25,7 @@ class StepValues:
     lr: float
     weight_decay: float
     sched: dict[str, float] = field(default_factory=dict)
-    heads_only: bool = False  # head warm-up of continued pretraining: only fresh heads learn, teacher = student
+    heads_only: bool = False  # head warm-up of continued pretraining: only fresh heads learn on the frozen backbone
 
 
 class Method(nn.Module):

@@ -175,8 +175,15 @@ class DINO(Method):
 
     @torch.no_grad()
     def after_step(self, sv: StepValues) -> None:
-        # head warm-up (continued pretraining): the teacher is the student
-        ema_update(self.teacher, self.student, 0.0 if sv.heads_only else sv.sched["momentum"])
+        momentum = sv.sched["momentum"]
+        if sv.heads_only:  # head warm-up (continued pretraining): the backbones are equal and frozen; the
+            # teacher's heads follow the student's by the usual EMA, or are copied (head_warmup_teacher=student)
+            m = 0.0 if self.cfg.optim.head_warmup_teacher == "student" else momentum
+            ema_update(self.teacher.head, self.student.head, m)
+            if self.teacher.patch_head is not None and self.student.patch_head is not None:
+                ema_update(self.teacher.patch_head, self.student.patch_head, m)
+        else:
+            ema_update(self.teacher, self.student, momentum)
         for _, term in self.term_list():
             term.after_step(self.teacher.backbone, sv)
 

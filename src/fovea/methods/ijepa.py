@@ -121,8 +121,9 @@ class IJEPA(Method):
 
     @torch.no_grad()
     def after_step(self, sv: StepValues) -> None:
-        # EMA of the context encoder; during a head warm-up (fresh predictor) the target encoder is the encoder
-        ema_update(self.teacher.backbone, self.student.backbone, 0.0 if sv.heads_only else sv.sched["momentum"])
+        # EMA of the context encoder (during a head warm-up both are the same frozen backbone: nothing to do)
+        if not sv.heads_only:
+            ema_update(self.teacher.backbone, self.student.backbone, sv.sched["momentum"])
 
     def eval_backbone(self) -> VisionTransformer:
         return self.teacher.backbone

@@ -5,7 +5,7 @@ checkpoint or a released file. Its architecture replaces the ``model`` section's
 (training keys such as drop-path stay the preset's), its weights go into the student and the teacher
 backbone, and its heads (``heads.safetensors`` of an imported folder, or a fovea run's teacher heads)
 into both heads when their shapes match the config. Without heads, the fresh heads are trained alone
-first (``optim.head_warmup_steps``: backbone lr 0, teacher = student), then the backbone joins with
+first (``optim.head_warmup_steps``: backbone lr 0; the teacher heads follow by EMA), then the backbone joins with
 ``optim.backbone_lr_mult`` and a linear warm-up of ``optim.backbone_warmup_steps``.
 """
 from __future__ import annotations
