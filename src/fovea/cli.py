@@ -32,7 +32,8 @@ Every config key (type, default):
 def _keys_table() -> str:
     rows = describe()
     w = max(len(k) for k, *_ in rows)
-    return "\n".join(f"  {k:<{w}}  {t:<5} {d:<14} {h}" for k, t, d, h in rows)
+    tw = max(len(t) for _, t, *_ in rows)
+    return "\n".join(f"  {k:<{w}}  {t:<{tw}} {d:<14} {h}" for k, t, d, h in rows)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ Defaults are the published DINO (ViT-S/16, ImageNet) values from METHODS.md; pre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fovea.data.augment import CropsConfig
 from fovea.data.sources import SourceConfig
@@ -27,7 +28,7 @@ class DINOConfig:
     warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
     warmup_teacher_temp_epochs: float = 0.0  # epochs of linear teacher-temperature warm-up
     center_momentum: float = 0.9  # EMA momentum of the teacher centre (centering=ema)
-    centering: str = "ema"  # teacher centering: ema (DINO centre) | sinkhorn (Sinkhorn-Knopp, DINOv2)
+    centering: Literal["ema", "sinkhorn"] = "ema"  # teacher centering: ema (DINO centre) | sinkhorn (Sinkhorn-Knopp, DINOv2)
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations (centering=sinkhorn)
     loss_weight: float = 1.0  # weight of the DINO CLS term in the total loss
 
@@ -41,13 +42,13 @@ class IBOTConfig:
     mask_prob: float = 0.5  # probability that a global crop is masked
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # masked fraction r ~ U(low, high)
     mask_min_block: int = 4  # smallest block (in patches) of the block masking
-    mask_type: str = "block"  # block (BEiT blocks) | inverse_block (visible part one rectangle) | cyclic (inverse_block + roll, Franca)
+    mask_type: Literal["block", "inverse_block", "cyclic"] = "block"  # block (BEiT blocks) | inverse_block (visible part one rectangle) | cyclic (inverse_block + roll, Franca)
     mask_roll: bool = False  # also roll block / inverse_block masks by a uniform 2-D offset with wrap-around (cyclic always rolls)
     separate_head: bool = True  # own patch head (DINOv2 large, Franca); false = share the DINO head (iBOT)
     out_dim: int = 0  # patch-head prototypes K; 0 = dino.out_dim (ignored when sharing the head)
     hidden_dim: int = 0  # patch-head MLP width; 0 = dino.hidden_dim
     bottleneck_dim: int = 0  # patch-head bottleneck; 0 = dino.bottleneck_dim
-    centering: str = "same"  # same (as dino.centering) | ema | sinkhorn
+    centering: Literal["same", "ema", "sinkhorn"] = "same"  # same (as dino.centering) | ema | sinkhorn
     center_momentum: float = 0.9  # EMA momentum of the patch centre (centering=ema)
 
 
@@ -57,7 +58,7 @@ class MatryoshkaConfig:
 
     enabled: bool = False  # replace the DINO (and iBOT) heads by nested heads, one per width; loss = weighted sum over levels
     widths: list[int] = field(default_factory=list)  # nesting widths d_m in (0, D]; [] = D/16, D/8, D/4, D/2, D
-    input: str = "slice"  # per-level input: slice (x[..., :d_m], nested backbone features) | linear (learned Linear(D, d_m), released code)
+    input: Literal["slice", "linear"] = "slice"  # per-level input: slice (x[..., :d_m], nested backbone features) | linear (learned Linear(D, d_m), released code)
     l2_norm: bool = True  # L2-normalise the bottleneck before the prototypes (the released Franca head does not)
     loss_weights: list[float] = field(default_factory=list)  # per-level weights, narrowest first; [] = 1 each (plain sum)
 
@@ -100,13 +101,13 @@ class IJEPAConfig:
     context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])  # context block area range (before removing targets)
     context_aspect: list[float] = field(default_factory=lambda: [1.0, 1.0])  # context block aspect ratio range
     min_context: int = 10  # resample the masks until the context keeps at least this many patches
-    equalize: str = "pad"  # equal-length batches: pad (attention mask) | subsample (random subsets, batch minimum)
+    equalize: Literal["pad", "subsample"] = "pad"  # equal-length batches: pad (attention mask) | subsample (random subsets, batch minimum)
     crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])  # RandomResizedCrop area range of the single view
     flip_p: float = 0.0  # horizontal flip probability of the single view (I-JEPA: none)
     pred_dim: int = 384  # predictor width
     pred_depth: int = 12  # predictor blocks
     pred_heads: int = 0  # predictor attention heads; 0 = the encoder's
-    loss: str = "l2"  # l2 (paper) | smooth_l1 (released code, beta 1)
+    loss: Literal["l2", "smooth_l1"] = "l2"  # l2 (paper) | smooth_l1 (released code, beta 1)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class OptimConfig:
     epochs: float = 100.0  # training length in epochs (fractions allowed)
     max_steps: int = 0  # >0 overrides epochs * steps_per_epoch
     lr: float = 5e-4  # base lr, scaled by `lr_scaling`
-    lr_scaling: str = "linear256"  # linear256 (DINO: lr*B/256) | sqrt1024 (DINOv2) | none
+    lr_scaling: Literal["linear256", "sqrt1024", "none"] = "linear256"  # linear256 (DINO: lr*B/256) | sqrt1024 (DINOv2) | none
     min_lr: float = 1e-6  # final lr of the cosine schedule
     warmup_epochs: float = 10.0  # linear lr warm-up from `start_lr`, in epochs
     start_lr: float = 0.0  # lr at step 0 of the warm-up (I-JEPA: 2e-4), scaled like `lr`
@@ -136,16 +137,16 @@ class OptimConfig:
     weight_decay_end: float = 0.4  # final weight decay
     momentum_teacher: float = 0.0  # 0 = auto from the run length (0.996 for long runs)
     momentum_teacher_end: float = 1.0  # final teacher momentum
-    momentum_schedule: str = "cosine"  # teacher momentum schedule: cosine (DINO) | linear (I-JEPA)
+    momentum_schedule: Literal["cosine", "linear"] = "cosine"  # teacher momentum schedule: cosine (DINO) | linear (I-JEPA)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     clip_grad: float = 3.0  # 0 = off
-    clip_mode: str = "per_param"  # per_param (DINO v1) | global | per_module (DINOv2/Franca: backbone, DINO head, iBOT head each to clip_grad)
+    clip_mode: Literal["per_param", "global", "per_module"] = "per_param"  # per_param (DINO v1) | global | per_module (DINOv2/Franca: backbone, DINO head, iBOT head each to clip_grad)
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update during these first epochs
     epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
     layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
     head_warmup_steps: int = 0  # with train.init_from and fresh heads: first N steps train only the heads (backbone lr 0; the teacher's backbone is the student's)
-    head_warmup_teacher: str = "ema"  # teacher heads during the head warm-up: ema (the usual momentum) | student (copied each step; collapses DINO's EMA-centred heads)
+    head_warmup_teacher: Literal["ema", "student"] = "ema"  # teacher heads during the head warm-up: ema (the usual momentum) | student (copied each step; collapses DINO's EMA-centred heads)
     backbone_lr_mult: float = 1.0  # backbone lr = lr x this (continued pretraining: a low backbone lr)
     backbone_warmup_steps: int = 0  # after the head warm-up, the backbone lr rises linearly over these steps (0 = at once)
 
@@ -157,7 +158,7 @@ class KNNConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # numbers of neighbours reported
     temperature: float = 0.07  # vote weights exp(sim / T)
     widths: list[int] = field(default_factory=list)  # also report truncated features x[..., :w] as KIND@w (Matryoshka); [] = full only
-    features: str = "cls"  # cls | mean_patch | both (reported: every kind listed in eval.knn.report)
+    features: Literal["cls", "mean_patch", "both"] = "cls"  # cls | mean_patch | both (reported: every kind listed in eval.knn.report)
     report: list[str] = field(default_factory=lambda: ["cls"])  # feature kinds computed at each k-NN
 
 
@@ -180,7 +181,7 @@ class TrainConfig:
 
     seed: int = 0  # seed of weights, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     checkpoint_every_steps: int = 0  # 0 = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt
     log_every_steps: int = 10  # scalars to metrics.jsonl / TensorBoard every N steps

@@ -8,6 +8,7 @@ same pixels. Crops are returned as uint8 CHW tensors; normalisation happens on t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import albumentations as A
 import cv2
@@ -39,7 +40,7 @@ class CropsConfig:
     dinov2_inverted_blur: bool = False  # reproduce official DINOv2 code's inverted blur (0.0 / 0.9 / 0.5)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation mean (RGB)
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # normalisation std (RGB)
-    interpolation: str = "bicubic"  # bicubic | bilinear | area
+    interpolation: Literal["bicubic", "bilinear", "area"] = "bicubic"  # bicubic | bilinear | area
 
     def effective_blur_p(self) -> list[float]:
         """Blur probabilities actually used for (global 1, global 2, locals)."""

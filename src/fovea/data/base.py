@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
+
+
+SourceKind = Literal["fmnist", "parquet", "folder"]
+SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 
 
 @dataclass
 class SourceConfig:
     """Which images to read. ``limit > 0`` keeps a fixed random subset (seeded by ``seed``)."""
 
-    kind: str = "fmnist"  # "fmnist" | "parquet" | "folder"
+    kind: SourceKind = "fmnist"  # fmnist | parquet | folder
     path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir
     split: str = "train"  # fmnist only: "train" | "test"
     limit: int = 0  # > 0: a fixed random subset of this many images

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fovea.models.layers import swiglu_hidden
+from fovea.models.layers import SincosLayout, swiglu_hidden
 from fovea.models.vit import ARCHS, ViTConfig, VisionTransformer
 from fovea.core.checkpoint import load_checkpoint
 
@@ -240,10 +240,11 @@ def _read_released(path: str | Path, source: str, arch: str | None, num_heads: i
     return Imported(found, layout, cfg, bb, heads=heads, head_shapes=shapes, extra=extra, notes=notes)
 
 
-def _sincos_layout(table: Tensor, grid: int, what: str, notes: list[str]) -> str:
+def _sincos_layout(table: Tensor, grid: int, what: str, notes: list[str]) -> SincosLayout:
     """The layout (col_row / row_col) whose table equals a stored fixed sin-cos table [N, D]."""
     from fovea.models.layers import sincos_pos_embed_2d
-    for layout in ("col_row", "row_col"):
+    layouts: tuple[SincosLayout, ...] = ("col_row", "row_col")
+    for layout in layouts:
         diff = float((sincos_pos_embed_2d(int(table.shape[-1]), grid, grid, layout) - table.float()).abs().max())
         if diff < 1e-5:
             if layout != "col_row":

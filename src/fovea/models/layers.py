@@ -5,6 +5,8 @@ Parameter names follow the official DINOv2 backbones (see :mod:`fovea.models.vit
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,7 +14,12 @@ from torch import Tensor, nn
 from fovea.models.packing import PackedLayout
 from fovea.models.rope import apply_rope
 
-SINCOS_LAYOUTS = ("col_row", "row_col")
+SincosLayout = Literal["col_row", "row_col"]
+FFN = Literal["mlp", "swiglu"]
+DropPathMode = Literal["plain", "efficient"]
+SINCOS_LAYOUTS: tuple[str, ...] = get_args(SincosLayout)
+FFNS: tuple[str, ...] = get_args(FFN)
+DROP_PATH_MODES: tuple[str, ...] = get_args(DropPathMode)
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int, layout: str = "col_row") -> Tensor:
     """Fixed 2-D sin-cos positional embedding [h*w, dim] in row-major patch order.
@@ -157,10 +164,10 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        if ffn not in ("mlp", "swiglu"):
-            raise ValueError(f"model.ffn: unknown {ffn!r}; choose mlp or swiglu")
-        if drop_path_mode not in ("plain", "efficient"):
-            raise ValueError(f"model.drop_path_mode: unknown {drop_path_mode!r}; choose plain or efficient")
+        if ffn not in FFNS:
+            raise ValueError(f"model.ffn: unknown {ffn!r}; choose one of {', '.join(FFNS)}")
+        if drop_path_mode not in DROP_PATH_MODES:
+            raise ValueError(f"model.drop_path_mode: unknown {drop_path_mode!r}; choose one of {', '.join(DROP_PATH_MODES)}")
         self.mlp: nn.Module = (Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp"
                                else SwiGLUFFN(dim, swiglu_hidden(dim, swiglu_ratio)))
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()

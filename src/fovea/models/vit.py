@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import Literal, Sequence, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fovea.models.layers import SINCOS_LAYOUTS, Block, PatchEmbed, sincos_pos_embed_2d, swiglu_hidden
+from fovea.models.layers import FFN, SINCOS_LAYOUTS, Block, DropPathMode, PatchEmbed, SincosLayout, sincos_pos_embed_2d, swiglu_hidden
 from fovea.models.packing import PackedLayout, resolve_packing
 from fovea.models.rope import Rope
 
 __all__ = ["ARCHS", "SINCOS_LAYOUTS", "Block", "Features", "ViTConfig", "VisionTransformer", "sincos_pos_embed_2d", "swiglu_hidden"]
+
+PosEmbed = Literal["learned", "sincos", "rope"]
+Packing = Literal["auto", "packed", "unpacked"]
+PackedAttention = Literal["segments", "mask", "njt"]
+POS_EMBEDS: tuple[str, ...] = get_args(PosEmbed)
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio)
 ARCHS: dict[str, tuple[int, int, int, float]] = {
@@ -45,10 +50,10 @@ class ViTConfig:
     num_register_tokens: int = 0  # register tokens after CLS (DINOv2 'with registers': 4)
     drop_path_rate: float = 0.1  # stochastic depth rate (linear over depth unless drop_path_uniform)
     drop_path_uniform: bool = False  # same drop-path rate in every block (DINOv2 large configs)
-    drop_path_mode: str = "plain"  # plain (mask whole samples) | efficient (branch on a (1-p) batch subset, x 1/(1-p))
-    ffn: str = "mlp"  # mlp (GELU, fc1/fc2) | swiglu (w12/w3, hidden = 2/3 * 4D rounded to 8; 4096 for ViT-g)
-    packing: str = "auto"  # multi-crop forward: auto (packed on CUDA, unpacked on CPU) | packed | unpacked
-    packed_attention: str = "segments"  # block-diagonal attention when packed: segments | mask | njt
+    drop_path_mode: DropPathMode = "plain"  # plain (mask whole samples) | efficient (branch on a (1-p) batch subset, x 1/(1-p))
+    ffn: FFN = "mlp"  # mlp (GELU, fc1/fc2) | swiglu (w12/w3, hidden = 2/3 * 4D rounded to 8; 4096 for ViT-g)
+    packing: Packing = "auto"  # multi-crop forward: auto (packed on CUDA, unpacked on CPU) | packed | unpacked
+    packed_attention: PackedAttention = "segments"  # block-diagonal attention when packed: segments | mask | njt
     layerscale_init: float = 0.0  # 0 = no LayerScale (DINO v1); DINOv2 uses 1e-5
     qkv_bias: bool = True  # bias in the qkv projection
     norm_eps: float = 1e-6  # LayerNorm epsilon
@@ -58,14 +63,14 @@ class ViTConfig:
     mlp_ratio: float = 0.0  # 0 = from arch
     patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
     cls_token: bool = True  # prepend a CLS token (false for I-JEPA: evaluation then uses the mean patch token)
-    pos_embed: str = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter) | rope (DINOv3 axial 2-D rotary, no table)
+    pos_embed: PosEmbed = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter) | rope (DINOv3 axial 2-D rotary, no table)
     rope_base: float = 100.0  # pos_embed=rope: period base (DINOv3: 100)
-    sincos_layout: str = "col_row"  # pos_embed=sincos: col_row (released I-JEPA: column channels first) | row_col
+    sincos_layout: SincosLayout = "col_row"  # pos_embed=sincos: col_row (released I-JEPA: column channels first) | row_col
     interpolate_offset: float = 0.0  # learned positions at another grid: 0 = bicubic to the exact size; > 0 = scale factor (n + offset) / N (DINO v1, DINOv2 without registers: 0.1)
     interpolate_antialias: bool = False  # antialias in that bicubic resize (DINOv2 models with registers: true)
 
 
-POS_EMBEDS = ("learned", "sincos", "rope")
+
 
 
 @dataclass
