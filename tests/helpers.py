@@ -26,6 +26,16 @@ TINY = [
     "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.25", "train.threads=1",
 ]
 
+#: a 2-block ViT with small heads for in-process method tests (no run settings)
+TINY_MODEL = ["model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
+              "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=2", "dino.out_dim=64",
+              "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+
+#: a 1-block ViT run (no workers, no progress bar) for in-process Trainer tests
+TINY_RUN = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
+            "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
+            "dino.hidden_dim=32", "dino.bottleneck_dim=8", "data.num_workers=0", "train.progress=false"]
+
 #: the I-JEPA counterpart of TINY (apply to an I-JEPA preset)
 JEPA_TINY = ["model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4", "model.img_size=16",
              "crops.global_size=16", "ijepa.pred_dim=24", "ijepa.pred_depth=2", "ijepa.pred_heads=3",
@@ -91,5 +101,6 @@ def rows(run: Path) -> dict[int, dict]:
 
 
 def losses(run: Path, key: str = "loss/dino") -> dict[int, float]:
-    """step -> the logged ``key`` of a run."""
-    return {s: r[key] for s, r in rows(run).items() if key in r}
+    """step -> the logged ``key`` of a run (from every row that has it)."""
+    found = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r[key] for r in found if key in r}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fovea.config.loader import load_config
+from helpers import REPO, TINY_MODEL
 from fovea.errors import ConfigError
 from fovea.methods.base import StepValues
 from fovea.methods.dino import DINO
@@ -153,10 +154,8 @@ def test_layer_decay_multipliers_by_hand() -> None:
 
 # --------------------------------------------------------------------------- the DINOv2 step
 
-TINY = ["method=dinov2", "model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3",
-        "model.patch_size=4", "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=2",
-        "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.centering=sinkhorn",
-        "ibot.enabled=true", "ibot.out_dim=32", "koleo.weight=0.1", "model.layerscale_init=1e-5"]
+TINY = ["method=dinov2", *TINY_MODEL, "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out_dim=32",
+        "koleo.weight=0.1", "model.layerscale_init=1e-5"]
 SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04,
                 sched={"momentum": 0.996, "teacher_temp": 0.04, "freeze_last_layer": 0.0})
 
@@ -307,8 +306,7 @@ def test_epoch_length_turns_dinov2_epochs_into_steps() -> None:
 def test_packing_droppath_benchmark_smoke(tmp_path) -> None:
     import importlib.util
     import json
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "packing_droppath.py"
+    script = REPO / "benchmarks" / "packing_droppath.py"
     spec = importlib.util.spec_from_file_location("packing_droppath", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

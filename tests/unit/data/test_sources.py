@@ -25,7 +25,7 @@ from fovea.data.sources import (
     build_source, download_fmnist, fetch_with_replacement, probe_source,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 DATA = Path(os.environ.get("FOVEA_DATA", REPO.parent / "shared" / "data"))
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

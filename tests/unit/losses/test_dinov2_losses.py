@@ -17,7 +17,7 @@ from fovea.losses.ibot import ibot_patch_loss, masked_patch_weights
 from fovea.losses.koleo import koleo_loss
 from fovea.losses.sinkhorn import sinkhorn_knopp
 from fovea.masking.block import BlockMasker, block_mask
-from test_e2e import free_port
+from helpers import free_port
 
 
 # --------------------------------------------------------------------------- Sinkhorn-Knopp

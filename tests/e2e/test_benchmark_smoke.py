@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from fovea.config.loader import load_config
 from fovea.methods.registry import spec_for
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
 
 TINY = ["model.depth=1", "model.embed_dim=48", "model.num_heads=3", "dino.out_dim=64", "dino.hidden_dim=32",

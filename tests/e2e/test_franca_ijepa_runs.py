@@ -13,18 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_dinov2_e2e import rows
-from test_e2e import TINY, make_folder, run_cli, run_torchrun
-from test_ijepa_e2e import TINY as JEPA_TINY
+from helpers import JEPA_TINY, TINY, rows, run_cli, run_torchrun
 
 FRANCA = ["method=franca", "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out_dim=32", "ibot.mask_prob=0.7",
           "ibot.mask_type=cyclic", "ibot.mask_ratio=[0.1,0.65]", "matryoshka.enabled=true",
           "matryoshka.widths=[12,24,48]", "model.layerscale_init=1e-5", "dino.use_bn=false", "koleo.weight=0"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("imgs"))
 
 
 def folder_data(folder: Path) -> list[str]:

@@ -12,11 +12,10 @@ from PIL import Image
 from fovea.config.loader import load_config
 from fovea.train.init_from import backbone_scale
 from fovea.train.loop import Trainer
+from helpers import TINY_RUN
 
 TINY = [
-    "model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
-    "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
-    "dino.hidden_dim=32", "dino.bottleneck_dim=8", "data.num_workers=0", "train.progress=false",
+    *TINY_RUN,
     "eval.at_start=false", "eval.at_end=false", "train.threads=1", "data.batch_size=8", "data.eval_train=null",
     "data.eval_test=null", "optim.warmup_epochs=0", "optim.freeze_last_layer_epochs=0", "dino.use_bn=false",
 ]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_e2e import TINY, make_folder, run_cli, run_torchrun
+from helpers import TINY, rows, run_cli, run_torchrun
 
 V2 = ["method=dinov2", "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out_dim=32", "ibot.mask_prob=0.7",
       "model.layerscale_init=1e-5", "dino.use_bn=false"]
@@ -15,15 +15,6 @@ V2 = ["method=dinov2", "dino.centering=sinkhorn", "ibot.enabled=true", "ibot.out
 def base(data: Path, out: Path) -> list[str]:
     return ["dino_vittiny_fmnist", *TINY, *V2, f"output_dir={out}", "data.train.kind=folder",
             f"data.train.path={data}", "data.eval_train=null", "data.eval_test=null"]
-
-
-def rows(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "step" in r}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("imgs"))
 
 
 @pytest.mark.slow

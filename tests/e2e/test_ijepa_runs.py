@@ -10,22 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_e2e import make_folder, run_cli
-
-TINY = ["model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4", "model.img_size=16",
-        "crops.global_size=16", "ijepa.pred_dim=24", "ijepa.pred_depth=2", "ijepa.pred_heads=3",
-        "ijepa.min_context=4", "data.num_workers=0", "train.progress=false", "train.log_every_steps=1",
-        "train.threads=1", "data.batch_size=8", "optim.warmup_epochs=0.5", "eval.at_start=false"]
-
+from helpers import JEPA_TINY as TINY
+from helpers import losses, run_cli
 
 def jepa_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r["loss/jepa"] for r in rows if "loss/jepa" in r}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("imgs"))
+    return losses(run, "loss/jepa")
 
 
 def args(folder: Path, out: Path, *extra: str) -> list[str]:

@@ -11,6 +11,7 @@ from fovea.losses.dino import DINOLoss
 from fovea.methods.base import StepValues
 from fovea.methods.dino import DINO
 from fovea.models.heads import DINOHead
+from helpers import TINY_MODEL
 
 
 # --------------------------------------------------------------------------- loss by hand
@@ -172,9 +173,7 @@ def test_dino_head_features_l2_normalised(nlayers):
 
 # --------------------------------------------------------------------------- DINO method
 
-TINY = ["model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
-        "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=2", "dino.out_dim=64",
-        "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+TINY = TINY_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -7,84 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-TINY = [
-    "model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
-    "model.img_size=16", "model.drop_path_rate=0.0", "crops.global_size=16", "crops.local_size=8",
-    "crops.n_local=2", "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16",
-    "data.num_workers=0", "train.progress=false", "train.log_every_steps=1", "eval.at_end=false",
-    "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.25", "train.threads=1",
-]
-
-
-def make_folder(root: Path, n_per_class: int = 24, corrupt: int = 0) -> Path:
-    """Two classes of coloured 24x24 images; optionally add corrupt files."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["a", "b"]):
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            arr = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
-            arr[..., c] = 255
-            Image.fromarray(arr).save(d / f"{i:03d}.png")
-    for i in range(corrupt):
-        (root / "a" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (root / "a" / "tiny.png").unlink(missing_ok=True)
-    if corrupt:
-        Image.new("RGB", (1, 1)).save(root / "b" / "tiny.png")
-    return root
-
-
-def base_args(data: Path, out: Path) -> list[str]:
-    return ["dino_vittiny_fmnist", *TINY, f"output_dir={out}", "data.train.kind=folder",
-            f"data.train.path={data}", "data.eval_train=null", "data.eval_test=null"]
-
-
-def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "fovea", "train", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"fovea train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (asked from the OS, not fixed in the test)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """``fovea train ARGS`` under torchrun with ``nproc`` CPU ranks (gloo, one thread each) on a free port."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "-m", "fovea", "train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r["loss/dino"] for r in rows if "loss/dino" in r}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_folder(tmp_path_factory.mktemp("imgs"))
-
+from helpers import base_args, losses, make_folder, run_cli, run_torchrun
 
 def test_resume_after_sigkill_continues_same_losses(folder: Path, tmp_path: Path) -> None:
     common = base_args(folder, tmp_path / "a") + ["data.batch_size=8", "optim.max_steps=14",
