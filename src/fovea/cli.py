@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fovea.config.loader import describe, load_config, load_tree, preset_names
 from fovea.errors import ConfigError
-from fovea.data.specs import parse_source_spec as _parse_source
+from fovea.data.specs import source_from_spec
 
 EPILOG_TRAIN = """\
 Overrides are `key.sub=value` pairs applied on top of the preset (values are YAML: numbers,
@@ -48,8 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     import torch
 
-    from fovea.config.loader import build_section
-    from fovea.data.sources import SourceConfig, build_source
+    from fovea.data.base import ImageSource
     from fovea.eval.knn import evaluate_knn, parse_widths
     from fovea.hub.backbone import load_backbone
 
@@ -57,14 +56,10 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     data = meta.get("data", {}) or {}
     crops = meta.get("crops", {}) or {}
 
-    def source(spec: str | None, key: str, limit: int) -> object:
-        fields = _parse_source(spec) if spec else data.get(key)
-        if not fields:
+    def source(spec: str | None, key: str, limit: int) -> ImageSource:
+        if not spec and not data.get(key):
             raise ConfigError(f"no --{key.split('_')[1]} given and the checkpoint's config has no data.{key}")
-        cfg = build_section(SourceConfig, {k: v for k, v in fields.items() if k in SourceConfig.__dataclass_fields__})
-        if limit:
-            cfg.limit = limit
-        return build_source(cfg)
+        return source_from_spec(spec, data.get(key), limit, what=f"--{key.split('_')[1]}")
 
     train_src = source(args.train, "eval_train", args.limit_train)
     test_src = source(args.test, "eval_test", args.limit_test)
@@ -92,9 +87,8 @@ def cmd_rasa(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fovea.config.loader import build_section
     from fovea.data.base import ImageSource
-    from fovea.data.sources import SourceConfig, SubsetSource, build_source
+    from fovea.data.sources import SubsetSource
     from fovea.hub.backbone import export_backbone, load_backbone
     from fovea.posttrain.rasa import RasaConfig
     from fovea.posttrain.rasa_run import run_rasa, write_report
@@ -104,12 +98,9 @@ def cmd_rasa(args: argparse.Namespace) -> int:
     crops = meta.get("crops", {}) or {}
 
     def source(spec: str | None, key: str, limit: int, what: str) -> ImageSource:
-        fields = _parse_source(spec) if spec else (data.get(key) if key else None)
-        if not fields:
+        if not spec and not (data.get(key) if key else None):
             raise ConfigError(f"no {what} given and the backbone's config has no data.{key}")
-        cfg = build_section(SourceConfig, {k: v for k, v in fields.items() if k in SourceConfig.__dataclass_fields__})
-        cfg.limit, cfg.seed = limit, args.seed
-        return build_source(cfg)
+        return source_from_spec(spec, data.get(key) if key else None, limit, args.seed, what)
 
     if args.heldout:
         fit_src = source(args.data, "train", args.limit, "--data")

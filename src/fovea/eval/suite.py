@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from fovea.config.loader import build_section
 from fovea.errors import ConfigError
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fovea.data.sources import SourceConfig, build_source
+from fovea.data.base import ImageSource
+from fovea.data.specs import source_from_spec
 from fovea.eval.bank import FeatureBank, cache_key, cached_bank, extract_bank
 from fovea.hub.backbone import load_backbone
 
@@ -47,11 +47,8 @@ class SuiteOptions:
     extra: dict = field(default_factory=dict)  # per-protocol settings
 
 
-def _source(fields: dict, limit: int = 0):
-    cfg = build_section(SourceConfig, {k: v for k, v in fields.items() if k in SourceConfig.__dataclass_fields__})
-    if limit:
-        cfg.limit = limit
-    return build_source(cfg)
+def _source(fields: dict, limit: int = 0) -> ImageSource:
+    return source_from_spec(None, fields, limit, what="an evaluation split")
 
 
 class Suite:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fovea.data.specs import parse_source_spec as _parse_source
+from fovea.data.specs import source_from_spec
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -54,17 +54,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from fovea.config.loader import build_section
-    from fovea.data.sources import SourceConfig, build_source
     from fovea.eval.embed import embed
     from fovea.hub.backbone import load_backbone
     from fovea.core.distributed import check_device
 
     backbone, meta = load_backbone(args.model, which=args.which)
     crops = meta.get("crops", {}) or {}
-    cfg = build_section(SourceConfig, _parse_source(args.data))
-    cfg.limit = args.limit
-    src = build_source(cfg)
+    src = source_from_spec(args.data, limit=args.limit)
     check_device(args.device)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     size = args.size or crops.get("global_size") or backbone.cfg.img_size
