@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit" / "hub"))
 from test_import_released import ATOL, FIXTURES, fixture_diffs  # noqa: E402 - the tests' comparison
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "unit" / "losses")]
+from helpers import free_port  # noqa: E402
 from test_dinov2_losses import mixed_logits, sk_reference  # noqa: E402 - the tests' float64 re-derivation
-from test_e2e import free_port  # noqa: E402
 
 from fovea.losses.sinkhorn import sinkhorn_knopp  # noqa: E402
 
