@@ -136,7 +136,23 @@ def test_gram_term_in_the_step_and_the_snapshot_refresh() -> None:
     assert all(torch.equal(a, b) for a, b in zip(term.teacher.parameters(), before))
     term.after_step(m.teacher.backbone, _sv(4, cfg))  # after step 4 = before step 5 = start + 3: refresh
     assert all(torch.equal(a, t) for a, t in zip(term.teacher.parameters(), m.teacher.backbone.parameters()))
-    assert "terms.gram.teacher.blocks.0.attn.qkv.weight" in m.state_dict()
+    assert "terms.gram.teacher.blocks.0.attn.qkv.weight" in m.state_dict() and bool(m.state_dict()["terms.gram.taken"])
+
+
+def test_gram_teacher_is_taken_after_init_from_when_start_is_0() -> None:
+    # the snapshot is taken at the first weighted step from the EMA teacher as it is then (e.g. after
+    # train.init_from loaded released weights), not from the random weights the method was built with
+    cfg = load_config(None, TINY + ["gram.start=0"])
+    torch.manual_seed(0)
+    m = DINO(cfg).train()
+    with torch.no_grad():  # what init_from does: new weights into student and teacher
+        for net in (m.student.backbone, m.teacher.backbone):
+            for p in net.parameters():
+                p.mul_(0.5).add_(0.1)
+    assert not bool(m.terms["gram"].taken)
+    m.training_step(_batch(), _sv(0, cfg))
+    assert bool(m.terms["gram"].taken)
+    assert all(torch.equal(a, b) for a, b in zip(m.terms["gram"].teacher.parameters(), m.teacher.backbone.parameters()))
 
 
 def test_gram_teacher_larger_crops_are_the_same_boxes() -> None:

@@ -33,7 +33,12 @@ def refreshes_after(cfg: RunConfig, step: int) -> bool:
 
 
 class GramTerm(Term):
+    """The snapshot ``teacher`` is saved with the checkpoint; ``taken`` records whether it has been taken from
+    the EMA teacher yet (with ``gram.start=0`` it is taken at the first step, after ``train.init_from`` loaded
+    the weights)."""
+
     name = "gram"
+    taken: Tensor
 
     @staticmethod
     def enabled(cfg: RunConfig) -> bool:
@@ -46,6 +51,14 @@ class GramTerm(Term):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
+        self.__dict__["ema_teacher"] = parts.teacher_backbone  # a reference, kept out of the module tree
+        self.register_buffer("taken", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def snapshot(self, teacher_backbone: VisionTransformer) -> None:
+        """Take the Gram teacher from the EMA teacher's backbone now."""
+        self.teacher.load_state_dict(teacher_backbone.state_dict())
+        self.taken.fill_(True)
 
     def train(self, mode: bool = True) -> "GramTerm":
         super().train(mode)
@@ -58,6 +71,8 @@ class GramTerm(Term):
     def forward(self, s: Outputs, t: Outputs, x: StepInput, sv: StepValues) -> tuple[Tensor, dict[str, Tensor]]:
         if self.weight(sv) == 0:  # before gram.start: no Gram-teacher forward at all
             return s.patches.new_zeros((), dtype=torch.float32), {}
+        if not bool(self.taken):
+            self.snapshot(self.__dict__["ema_teacher"])
         crops = x.gram_crops or x.crops[:2]
         with torch.no_grad():
             outs = self.teacher.forward_features_list(crops)
@@ -70,4 +85,4 @@ class GramTerm(Term):
     @torch.no_grad()
     def after_step(self, teacher_backbone: VisionTransformer, sv: StepValues) -> None:
         if refreshes_after(self.cfg, sv.step):
-            self.teacher.load_state_dict(teacher_backbone.state_dict())
+            self.snapshot(teacher_backbone)
