@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.preset, args.overrides)
     threads = args.threads or cfg.train.threads
-    if threads > 0:
+    if threads:
         torch.set_num_threads(threads)
     device = torch.device(args.device)
     bf16 = device.type == "cuda" and cfg.train.precision != "fp32"

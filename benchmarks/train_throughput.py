@@ -188,7 +188,7 @@ def _cpu_sdpa_mapping() -> dict:
 def make_stepper(cfg: RunConfig, plan: Any, device: torch.device) -> Stepper:
     """The training loop's own :class:`~fovea.train.step.Stepper` (method, optimizer, schedules, bf16 rule),
     built by the same builder as the Trainer's, without a run folder, data source, logger or resume."""
-    if cfg.train.threads > 0:
+    if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t = build_stepper(cfg, plan, device)
     torch.manual_seed(cfg.train.seed + 1)
@@ -214,7 +214,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def needs_auto(cfg: RunConfig) -> bool:
-    """True when the method resolves values from the data-set size ('auto' values such as dino.out_dim=0)."""
+    """True when the method resolves values from the data-set size ('auto' values such as dino.out_dim=null)."""
     return resolve_auto(cfg, 1000, 1) != resolve_auto(cfg, 10**6, 1)
 
 
@@ -500,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model-shapes", dest="model_shapes", action="store_false",
                    help="skip timing the model's own fc1 matmul shapes [B*N, D] x [D, 4D]")
     p.add_argument("--n-images", type=int, default=None, metavar="N",
-                   help="training-set size used for the schedules and for 'auto' config values (dino.out_dim=0, "
-                        "optim.momentum_teacher=0); default: the size of data.train when it is needed (--real-data "
+                   help="training-set size used for the schedules and for 'auto' config values (dino.out_dim=null, "
+                        "optim.momentum_teacher=null); default: the size of data.train when it is needed (--real-data "
                         "or auto values), else 1000 batches")
     p.add_argument("--no-flop-counter", action="store_true",
                    help="skip the FlopCounterMode step and use the analytic FLOP count")
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants = [(v, overrides + [f"{key}={v}"]) for v in _split_values(vals)]
     cfgs = [(v, ov, load_config(args.preset, ov)) for v, ov in variants]  # fail on bad keys before any work
     device = resolve_device(args.device)
-    if cfgs[0][2].train.threads > 0:
+    if cfgs[0][2].train.threads:
         torch.set_num_threads(cfgs[0][2].train.threads)
     bf16 = any(c.train.precision == "bf16" or (c.train.precision == "auto" and device.type == "cuda")
                for _, _, c in cfgs)

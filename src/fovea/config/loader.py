@@ -85,15 +85,23 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def _auto_fields(cls: type) -> set[str]:
+    """Fields whose ``null`` means 'auto' (or 'the value of another key'), marked ``metadata={"auto": True}``."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("auto")}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    auto = _auto_fields(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key {path!r}{_hint(str(key), names)}; "
                               f"valid keys here: {', '.join(names)}")
+        if key in auto and value == 0 and not isinstance(value, bool):
+            value = None  # configs written before these keys were optional said 0 for 'auto'
         kwargs[key] = _convert(value, hints[key], path)
     obj = cls(**kwargs)
     return obj
@@ -205,13 +213,29 @@ def validate(cfg: RunConfig) -> None:
         need(len(v) == 2 and 0 < v[0] <= v[1], f"crops.{key} must be [low, high] with 0 < low <= high, got {v}")
     need(len(cfg.crops.blur_p) == 3, "crops.blur_p must list 3 probabilities (global 1, global 2, locals)")
     need(len(cfg.crops.color_jitter) == 4, "crops.color_jitter must be [brightness, contrast, saturation, hue]")
-    need(0 <= cfg.optim.momentum_teacher <= 1 and 0 <= cfg.optim.momentum_teacher_end <= 1,
+    need((cfg.optim.momentum_teacher is None or 0 <= cfg.optim.momentum_teacher <= 1)
+         and 0 <= cfg.optim.momentum_teacher_end <= 1,
          "optim.momentum_teacher(_end) must be within [0, 1]")
     from fovea.eval.protocols import FINAL_PROTOCOLS
     bad = [p for p in cfg.eval.final if p not in FINAL_PROTOCOLS]
     need(not bad, f"eval.final: {bad} not among {', '.join(FINAL_PROTOCOLS)}")
     problems = spec_for(cfg.method).check(cfg)
     need(not problems, "; ".join(problems))
+
+
+def legacy_tree(cls: type, tree: Any) -> Any:
+    """A stored config mapping of ``cls`` with the old ``0 = auto`` values as ``None`` (what :func:`load_config`
+    makes of them), so that an old run's config compares equal to the same config loaded today."""
+    if not isinstance(tree, dict) or not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return tree
+    hints, auto, out = typing.get_type_hints(cls), _auto_fields(cls), dict(tree)
+    for key, value in tree.items():
+        if key in auto and value == 0 and not isinstance(value, bool):
+            out[key] = None
+        elif key in hints:
+            args = [a for a in typing.get_args(hints[key]) if a is not type(None)] or [hints[key]]
+            out[key] = legacy_tree(args[0], value)
+    return out
 
 
 def to_dict(cfg: Any) -> Any:

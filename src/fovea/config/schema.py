@@ -17,7 +17,7 @@ from fovea.models.vit import ViTConfig
 class DINOConfig:
     """DINO head and loss (the ``dino`` section)."""
 
-    out_dim: int = 0  # K prototypes; 0 = auto from the data set size (65536 at ImageNet scale)
+    out_dim: int | None = field(default=None, metadata={"auto": True})  # K prototypes; null = auto from the data set size (65536 at ImageNet scale)
     hidden_dim: int = 2048  # head MLP hidden width
     bottleneck_dim: int = 256  # head output width before the prototypes
     nlayers: int = 3  # head MLP layers
@@ -45,9 +45,9 @@ class IBOTConfig:
     mask_type: Literal["block", "inverse_block", "cyclic"] = "block"  # block (BEiT blocks) | inverse_block (visible part one rectangle) | cyclic (inverse_block + roll, Franca)
     mask_roll: bool = False  # also roll block / inverse_block masks by a uniform 2-D offset with wrap-around (cyclic always rolls)
     separate_head: bool = True  # own patch head (DINOv2 large, Franca); false = share the DINO head (iBOT)
-    out_dim: int = 0  # patch-head prototypes K; 0 = dino.out_dim (ignored when sharing the head)
-    hidden_dim: int = 0  # patch-head MLP width; 0 = dino.hidden_dim
-    bottleneck_dim: int = 0  # patch-head bottleneck; 0 = dino.bottleneck_dim
+    out_dim: int | None = field(default=None, metadata={"auto": True})  # patch-head prototypes K; null = dino.out_dim (ignored when sharing the head)
+    hidden_dim: int | None = field(default=None, metadata={"auto": True})  # patch-head MLP width; null = dino.hidden_dim
+    bottleneck_dim: int | None = field(default=None, metadata={"auto": True})  # patch-head bottleneck; null = dino.bottleneck_dim
     centering: Literal["same", "ema", "sinkhorn"] = "same"  # same (as dino.centering) | ema | sinkhorn
     center_momentum: float = 0.9  # EMA momentum of the patch centre (centering=ema)
 
@@ -76,10 +76,10 @@ class GramConfig:
 
     enabled: bool = False  # add the Gram term: student patch similarities vs a frozen snapshot of the EMA teacher
     weight: float = 2.0  # weight of the term from gram.start on (0 before it)
-    highres_weight: float = 0.0  # weight in the high-resolution phase; 0 = gram.weight (DINOv3: 1.5)
+    highres_weight: float | None = field(default=None, metadata={"auto": True})  # weight in the high-resolution phase; null = gram.weight (DINOv3: 1.5)
     start: int = 0  # step at which the Gram teacher is first taken from the EMA teacher and the term starts
     refresh_every: int = 10000  # the Gram teacher is re-taken from the EMA teacher every N steps after gram.start (0 = never)
-    teacher_size: int = 0  # the Gram teacher's own global-crop size (same boxes, larger; DINOv3: 2x); 0 = the student's crops
+    teacher_size: int | None = field(default=None, metadata={"auto": True})  # the Gram teacher's own global-crop size (same boxes, larger; DINOv3: 2x); null = the student's crops
 
 
 @dataclass
@@ -87,8 +87,8 @@ class HighResConfig:
     """High-resolution phase at the end of training (the ``highres`` section, DINOv2 adaptation)."""
 
     steps: int = 0  # the last N steps use the sizes below (0 = off); schedules continue unchanged
-    global_size: int = 0  # global crop size in the phase (e.g. 518); 0 = crops.global_size
-    local_size: int = 0  # local crop size in the phase; 0 = crops.local_size
+    global_size: int | None = field(default=None, metadata={"auto": True})  # global crop size in the phase (e.g. 518); null = crops.global_size
+    local_size: int | None = field(default=None, metadata={"auto": True})  # local crop size in the phase; null = crops.local_size
 
 
 @dataclass
@@ -106,7 +106,7 @@ class IJEPAConfig:
     flip_p: float = 0.0  # horizontal flip probability of the single view (I-JEPA: none)
     pred_dim: int = 384  # predictor width
     pred_depth: int = 12  # predictor blocks
-    pred_heads: int = 0  # predictor attention heads; 0 = the encoder's
+    pred_heads: int | None = field(default=None, metadata={"auto": True})  # predictor attention heads; null = the encoder's
     loss: Literal["l2", "smooth_l1"] = "l2"  # l2 (paper) | smooth_l1 (released code, beta 1)
 
 
@@ -119,7 +119,7 @@ class DataConfig:
     eval_test: SourceConfig | None = None
     batch_size: int = 64  # per rank
     num_workers: int = 4  # data-loading worker processes per rank
-    eval_size: int = 0  # input size of eval views; 0 = crops.global_size
+    eval_size: int | None = field(default=None, metadata={"auto": True})  # input size of eval views; null = crops.global_size
 
 
 @dataclass
@@ -127,7 +127,7 @@ class OptimConfig:
     """Optimizer and schedules (the ``optim`` section). Durations are in epochs (floats allowed)."""
 
     epochs: float = 100.0  # training length in epochs (fractions allowed)
-    max_steps: int = 0  # >0 overrides epochs * steps_per_epoch
+    max_steps: int | None = field(default=None, metadata={"auto": True})  # set: the run's length in steps (overrides epochs); null = epochs x steps per epoch
     lr: float = 5e-4  # base lr, scaled by `lr_scaling`
     lr_scaling: Literal["linear256", "sqrt1024", "none"] = "linear256"  # linear256 (DINO: lr*B/256) | sqrt1024 (DINOv2) | none
     min_lr: float = 1e-6  # final lr of the cosine schedule
@@ -135,14 +135,14 @@ class OptimConfig:
     start_lr: float = 0.0  # lr at step 0 of the warm-up (I-JEPA: 2e-4), scaled like `lr`
     weight_decay: float = 0.04  # initial weight decay (cosine schedule)
     weight_decay_end: float = 0.4  # final weight decay
-    momentum_teacher: float = 0.0  # 0 = auto from the run length (0.996 for long runs)
+    momentum_teacher: float | None = field(default=None, metadata={"auto": True})  # null = auto from the run length (0.996 for long runs)
     momentum_teacher_end: float = 1.0  # final teacher momentum
     momentum_schedule: Literal["cosine", "linear"] = "cosine"  # teacher momentum schedule: cosine (DINO) | linear (I-JEPA)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     clip_grad: float = 3.0  # 0 = off
     clip_mode: Literal["per_param", "global", "per_module"] = "per_param"  # per_param (DINO v1) | global | per_module (DINOv2/Franca: backbone, DINO head, iBOT head each to clip_grad)
     freeze_last_layer_epochs: float = 1.0  # prototypes get no update during these first epochs
-    epoch_length: int = 0  # >0: an "epoch" in the durations above is this many steps (DINOv2: 1250); 0 = one data pass
+    epoch_length: int | None = field(default=None, metadata={"auto": True})  # set: an "epoch" in the durations above is this many steps (DINOv2: 1250); null = one data pass
     layer_decay: float = 1.0  # layer-wise lr decay: block i gets lr * decay^(depth - i); 1 = off (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # extra lr multiplier of the patch embedding (DINOv2: 0.2)
     head_warmup_steps: int = 0  # with train.init_from and fresh heads: first N steps train only the heads (backbone lr 0; the teacher's backbone is the student's)
@@ -182,10 +182,10 @@ class TrainConfig:
     seed: int = 0  # seed of weights, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    checkpoint_every_steps: int = 0  # 0 = once per epoch
+    checkpoint_every_steps: int | None = field(default=None, metadata={"auto": True})  # null = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt
     log_every_steps: int = 10  # scalars to metrics.jsonl / TensorBoard every N steps
-    threads: int = 0  # torch CPU threads, 0 = torch default
+    threads: int | None = field(default=None, metadata={"auto": True})  # torch CPU threads; null = torch default
     progress: bool = True  # show progress bars
     resume: bool = True  # continue from <output_dir>/checkpoints/last.pt when it exists
     init_from: str = ""  # start from this backbone: run folder, imported folder, backbone.safetensors, checkpoint or released file (heads too when present)

@@ -32,7 +32,7 @@ def ema_momentum(step: int, total: int, start: float, end: float, kind: str = "c
 
 
 def auto_momentum(total_steps: int) -> float:
-    """Initial teacher momentum for ``optim.momentum_teacher=0``: the teacher's horizon
+    """Initial teacher momentum for ``optim.momentum_teacher=null``: the teacher's horizon
     1/(1-m) is about a tenth of the run, clamped to [0.95, 0.996] (0.996 = DINO's long runs)."""
     return float(min(0.996, max(0.95, 1.0 - 10.0 / max(total_steps, 1))))
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fovea.models.flops import dims
 from fovea.models.layers import SincosLayout, swiglu_hidden
 from fovea.models.vit import ARCHS, ViTConfig, VisionTransformer
 from fovea.core.checkpoint import load_checkpoint
@@ -277,7 +278,8 @@ def _read_ijepa(obj: dict, which: str, arch: str | None, num_heads: int | None) 
         pr["mask_token"] = pr["mask_token"][None]
     pdim = int(pr["predictor_embed.weight"].shape[0])
     depth = 1 + max(int(k.split(".")[1]) for k in pr if k.startswith("predictor_blocks."))
-    shape = {"embed_dim": cfg.embed_dim, "pred_dim": pdim, "depth": depth, "num_heads": cfg.num_heads,
+    d, _, heads, _ = dims(cfg)
+    shape = {"embed_dim": d, "pred_dim": pdim, "depth": depth, "num_heads": heads,
              "grid": grid, "mlp_ratio": int(pr["predictor_blocks.0.mlp.fc1.weight"].shape[0]) / pdim}
     return Imported("ijepa", "I-JEPA checkpoint", cfg, bb, notes=notes, predictor=pr, predictor_shape=shape)
 
@@ -302,9 +304,10 @@ def _read_dinov3(sd: dict[str, Tensor], arch: str | None, num_heads: int | None)
         raise ReleasedFileError("a DINOv3 backbone without rope_embed.periods")
     cfg, sd = _backbone(sd, notes, 0.0, False, arch, num_heads, HEAD_DIM["dinov3"])
     cfg.pos_embed, cfg.norm_eps = "rope", 1e-5  # DINOv3's layernormbf16 is LayerNorm(eps=1e-5)
-    hd = cfg.embed_dim // cfg.num_heads
+    d, _, heads, _ = dims(cfg)
+    hd = d // heads
     if int(sd["rope_embed.periods"].shape[0]) != hd // 4:
-        raise ReleasedFileError(f"rope_embed.periods has {sd['rope_embed.periods'].shape[0]} entries, but {cfg.num_heads} "
+        raise ReleasedFileError(f"rope_embed.periods has {sd['rope_embed.periods'].shape[0]} entries, but {heads} "
                                 f"heads of width {hd} need {hd // 4}: give --num-heads")
     return Imported("dinov3", "DINOv3 hub backbone", cfg, sd, notes=notes)
 

@@ -86,12 +86,14 @@ def ema_schedule_value(cfg: RunConfig, plan: Plan, step: int) -> float:
     """The teacher EMA momentum at ``step``: ``optim.momentum_teacher`` -> ``optim.momentum_teacher_end``
     over the run, cosine (DINO) or linear (I-JEPA) by ``optim.momentum_schedule``."""
     o = cfg.optim
+    if o.momentum_teacher is None:
+        raise ValueError("optim.momentum_teacher=null (auto) must be resolved first (the method spec's resolve)")
     return ema_momentum(step, plan.total_steps, o.momentum_teacher, o.momentum_teacher_end, o.momentum_schedule)
 
 
 def resolve_momentum(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
-    """``optim.momentum_teacher=0`` (auto) -> :func:`~fovea.core.schedules.auto_momentum` of the run length."""
-    if cfg.optim.momentum_teacher != 0:
+    """``optim.momentum_teacher=null`` (auto) -> :func:`~fovea.core.schedules.auto_momentum` of the run length."""
+    if cfg.optim.momentum_teacher is not None:
         return cfg
     cfg = copy.deepcopy(cfg)
     spe = max(EpochBatchSampler.steps_per_epoch(n_images, cfg.data.batch_size, world), 1)

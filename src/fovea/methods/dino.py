@@ -90,8 +90,9 @@ class DINO(Method):
         self.cfg = cfg
         backbone = VisionTransformer(cfg.model)
         d, ib, mt = cfg.dino, cfg.ibot, cfg.matryoshka
-        if d.out_dim <= 0:
-            raise ValueError("dino.out_dim=0 (auto) must be resolved first (fovea.methods.dino_spec.resolve)")
+        if d.out_dim is None:
+            raise ValueError("dino.out_dim=null (auto) must be resolved first (fovea.methods.dino_spec.resolve)")
+        out_dim = d.out_dim
         self.widths = nesting_widths(backbone.embed_dim, mt.widths) if mt.enabled else [backbone.embed_dim]
 
         def make_head(k: int, hidden: int, bottleneck: int) -> Head:
@@ -100,10 +101,10 @@ class DINO(Method):
                                       d.norm_last_layer, d.use_bn, mt.l2_norm, mt.input)
             return DINOHead(backbone.embed_dim, k, hidden, bottleneck, d.nlayers, d.norm_last_layer, d.use_bn)
 
-        head = make_head(d.out_dim, d.hidden_dim, d.bottleneck_dim)
+        head = make_head(out_dim, d.hidden_dim, d.bottleneck_dim)
         patch_head = None
         if ib.enabled and ib.separate_head:
-            patch_head = make_head(ib.out_dim or d.out_dim, ib.hidden_dim or d.hidden_dim,
+            patch_head = make_head(ib.out_dim or out_dim, ib.hidden_dim or d.hidden_dim,
                                    ib.bottleneck_dim or d.bottleneck_dim)
         # Without iBOT the inputs are never masked: the mask token takes no part (and must not, for DDP).
         backbone.mask_token.requires_grad_(ib.enabled)

@@ -23,7 +23,7 @@ from fovea.models.flops import backbone_flops, head_flops
 
 
 def auto_prototypes(n_images: int) -> int:
-    """K for ``dino.out_dim=0``: a power of two near N/16, within [1024, 65536].
+    """K for ``dino.out_dim=null`` (auto): a power of two near N/16, within [1024, 65536].
 
     Small sets get small K (the ln K plateau of DINO on small data, METHODS.md section 1):
     60k images -> 4096, 1.28M (ImageNet) -> 65536.
@@ -33,9 +33,9 @@ def auto_prototypes(n_images: int) -> int:
 
 
 def resolve(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
-    """``dino.out_dim=0`` -> :func:`auto_prototypes`; ``optim.momentum_teacher=0`` -> from the run length."""
+    """``dino.out_dim=null`` -> :func:`auto_prototypes`; ``optim.momentum_teacher=null`` -> from the run length."""
     cfg = resolve_momentum(cfg, n_images, world)
-    if cfg.dino.out_dim == 0:
+    if cfg.dino.out_dim is None:
         cfg = copy.deepcopy(cfg)
         cfg.dino.out_dim = auto_prototypes(n_images)
     return cfg
@@ -88,10 +88,10 @@ def train_data(cfg: RunConfig, source: ImageSource, phase: str = "") -> tuple[Da
 def gram_size(cfg: RunConfig, global_size: int) -> int:
     """Size of the Gram teacher's own global crops (0: it sees the student's): ``gram.teacher_size`` scaled
     like the global crops in the high-resolution phase."""
-    g = cfg.gram
-    if not (g.enabled and g.teacher_size):
+    size = cfg.gram.teacher_size
+    if not cfg.gram.enabled or not size:
         return 0
-    return int(round(g.teacher_size * global_size / cfg.crops.global_size))
+    return int(round(size * global_size / cfg.crops.global_size))
 
 
 def check(cfg: RunConfig) -> list[str]:
@@ -100,8 +100,8 @@ def check(cfg: RunConfig) -> list[str]:
     if not cfg.model.cls_token:
         bad.append("model.cls_token=false: the DINO family needs the CLS token (I-JEPA does not)")
     d, ib, mt, g = cfg.dino, cfg.ibot, cfg.matryoshka, cfg.gram
-    if d.out_dim < 0 or d.student_temp <= 0 or d.teacher_temp <= 0:
-        bad.append("dino.out_dim must be >= 0 (0 = auto); dino.student_temp and dino.teacher_temp > 0")
+    if (d.out_dim is not None and d.out_dim < 1) or d.student_temp <= 0 or d.teacher_temp <= 0:
+        bad.append("dino.out_dim must be >= 1 (null = auto); dino.student_temp and dino.teacher_temp > 0")
     r = ib.mask_ratio
     if not (len(r) == 2 and 0 <= r[0] <= r[1] <= 1):
         bad.append(f"ibot.mask_ratio must be [low, high] within [0, 1], got {r}")
@@ -119,7 +119,7 @@ def check(cfg: RunConfig) -> list[str]:
                       ("gram.teacher_size", g.teacher_size or p)):
         if p > 0 and not (size > 0 and size % p == 0):
             bad.append(f"{key}={size} must be a positive multiple of model.patch_size={p}")
-    if g.enabled and (g.start < 0 or g.refresh_every < 0 or g.weight < 0 or g.highres_weight < 0):
+    if g.enabled and (g.start < 0 or g.refresh_every < 0 or g.weight < 0 or (g.highres_weight or 0) < 0):
         bad.append("gram.start, gram.refresh_every, gram.weight and gram.highres_weight must be >= 0")
     return bad
 
@@ -153,7 +153,7 @@ def flops(cfg: RunConfig, batch: dict) -> dict[str, Any]:
     softmax, optimizer, EMA) and the iBOT head on the masked patches are not counted.
     """
     c, d = cfg.crops, cfg.dino
-    head = head_flops(cfg.model, d.nlayers, d.hidden_dim, d.bottleneck_dim, d.out_dim)
+    head = head_flops(cfg.model, d.nlayers, d.hidden_dim, d.bottleneck_dim, d.out_dim or 0)
     per_crop = {}
     for kind, size in (("global", c.global_size), ("local", c.local_size)):
         embed, blocks = backbone_flops(cfg.model, size)

@@ -163,7 +163,7 @@ def check(cfg: RunConfig) -> list[str]:
             bad.append(f"ijepa.{key} must be [low, high] with 0 < low <= high, got {v}")
     if j.num_targets < 1 or j.min_context < 1:
         bad.append("ijepa.num_targets and ijepa.min_context must be >= 1")
-    if j.pred_dim <= 0 or j.pred_depth <= 0 or j.pred_heads < 0:
+    if j.pred_dim <= 0 or j.pred_depth <= 0 or (j.pred_heads is not None and j.pred_heads < 1):
         bad.append("ijepa.pred_dim/pred_depth must be > 0")
     return bad
 

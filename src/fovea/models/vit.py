@@ -10,7 +10,7 @@ without renaming. Packed multi-crop forwards live in :mod:`fovea.models.packing`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence, cast, get_args
 
 import torch
@@ -57,10 +57,10 @@ class ViTConfig:
     layerscale_init: float = 0.0  # 0 = no LayerScale (DINO v1); DINOv2 uses 1e-5
     qkv_bias: bool = True  # bias in the qkv projection
     norm_eps: float = 1e-6  # LayerNorm epsilon
-    embed_dim: int = 0  # 0 = from arch
-    depth: int = 0  # 0 = from arch
-    num_heads: int = 0  # 0 = from arch
-    mlp_ratio: float = 0.0  # 0 = from arch
+    embed_dim: int | None = field(default=None, metadata={"auto": True})  # null = from arch
+    depth: int | None = field(default=None, metadata={"auto": True})  # null = from arch
+    num_heads: int | None = field(default=None, metadata={"auto": True})  # null = from arch
+    mlp_ratio: float | None = field(default=None, metadata={"auto": True})  # null = from arch
     patch_projection: bool = False  # fixed D x D map on output patch tokens (RASA post-training writes it)
     cls_token: bool = True  # prepend a CLS token (false for I-JEPA: evaluation then uses the mean patch token)
     pos_embed: PosEmbed = "learned"  # learned | sincos (fixed 2-D sin-cos, I-JEPA; stored as a frozen parameter) | rope (DINOv3 axial 2-D rotary, no table)

@@ -41,7 +41,7 @@ class Trainer:
     """Holds the state of one run; :meth:`fit` trains to the end and returns the results dict."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        if cfg.train.threads > 0:
+        if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.info, self.device = init_distributed(cfg.train.device)
         self.sources = open_run_sources(cfg)  # every source probed before any work (errors name the key)

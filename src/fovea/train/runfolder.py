@@ -188,8 +188,9 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def trajectory_diff(old: dict, new: dict, old_world: int | None = None, new_world: int = 1) -> list[str]:
     """Lines ``key: old -> new`` for every key that changes the trajectory (all but :data:`FREE_KEYS`),
-    plus the world size when both are known."""
-    a, b = flatten(old), flatten(new)
+    plus the world size when both are known. An old config's ``0 = auto`` values count as today's ``None``."""
+    from fovea.config.loader import legacy_tree
+    a, b = flatten(legacy_tree(RunConfig, old)), flatten(legacy_tree(RunConfig, new))
     out = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(FREE_KEYS) or (key in a and key in b and a[key] == b[key]):

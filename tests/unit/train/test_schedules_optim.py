@@ -268,7 +268,16 @@ def test_auto_prototypes_and_momentum_rules() -> None:
     assert auto_momentum(500) == pytest.approx(0.98)
     assert auto_momentum(10) == 0.95 and auto_momentum(1_000_000) == 0.996
     cfg = load_config(None, ["data.batch_size=100", "optim.epochs=2"])
-    assert (cfg.dino.out_dim, cfg.optim.momentum_teacher) == (0, 0.0)  # auto until resolved
+    assert (cfg.dino.out_dim, cfg.optim.momentum_teacher) == (None, None)  # auto until resolved
     r = resolve_auto(cfg, 50_000, world=1)  # 500 steps/epoch x 2
     assert (r.dino.out_dim, r.optim.momentum_teacher) == (4096, pytest.approx(0.99))
-    assert cfg.dino.out_dim == 0  # the input config is not modified
+    assert cfg.dino.out_dim is None  # the input config is not modified
+    # configs written before these keys were optional said 0 for auto: read as null
+    old = load_config(None, ["dino.out_dim=0", "optim.momentum_teacher=0", "ibot.out_dim=0", "model.embed_dim=0"])
+    assert (old.dino.out_dim, old.optim.momentum_teacher, old.ibot.out_dim, old.model.embed_dim) == (None, None, None, None)
+    from fovea.config.loader import to_dict
+    from fovea.train.runfolder import trajectory_diff
+    legacy = to_dict(cfg)
+    legacy["dino"]["out_dim"], legacy["optim"]["momentum_teacher"] = 0, 0.0
+    assert trajectory_diff(legacy, to_dict(cfg)) == []  # an old run's config resumes under today's
+    assert trajectory_diff(legacy, to_dict(r)) != []

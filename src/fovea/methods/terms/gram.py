@@ -18,11 +18,11 @@ from fovea.models.vit import VisionTransformer
 
 def gram_weight(cfg: RunConfig, step: int, highres: bool) -> float:
     """Weight of the term at ``step``: 0 before ``gram.start``, then ``gram.weight`` (``gram.highres_weight``
-    in the high-resolution phase when set)."""
+    in the high-resolution phase when it is set)."""
     g = cfg.gram
     if step < g.start:
         return 0.0
-    return g.highres_weight if highres and g.highres_weight > 0 else g.weight
+    return g.highres_weight if highres and g.highres_weight is not None else g.weight
 
 
 def refreshes_after(cfg: RunConfig, step: int) -> bool:
