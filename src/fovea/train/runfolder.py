@@ -189,13 +189,15 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def trajectory_diff(old: dict, new: dict, old_world: int | None = None, new_world: int = 1) -> list[str]:
     """Lines ``key: old -> new`` for every key that changes the trajectory (all but :data:`FREE_KEYS`),
     plus the world size when both are known. An old config's ``0 = auto`` values count as today's ``None``."""
-    from fovea.config.loader import legacy_tree
+    from fovea.config.loader import legacy_tree, to_dict
     a, b = flatten(legacy_tree(RunConfig, old)), flatten(legacy_tree(RunConfig, new))
+    defaults = flatten(to_dict(RunConfig()))  # a key added since the old run was made ran as its default
     out = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(FREE_KEYS) or (key in a and key in b and a[key] == b[key]):
+        va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, defaults.get(key, "<absent>"))
+        if key.startswith(FREE_KEYS) or va == vb:
             continue
-        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+        out.append(f"{key}: {va!r} -> {vb!r}")
     if old_world is not None and old_world != new_world:
         out.append(f"world size (ranks): {old_world} -> {new_world}")
     return out

@@ -281,3 +281,8 @@ def test_auto_prototypes_and_momentum_rules() -> None:
     legacy["dino"]["out_dim"], legacy["optim"]["momentum_teacher"] = 0, 0.0
     assert trajectory_diff(legacy, to_dict(cfg)) == []  # an old run's config resumes under today's
     assert trajectory_diff(legacy, to_dict(r)) != []
+    # a key added since an old run was made counts as its default there (the old code ran without it)
+    del legacy["gram"], legacy["optim"]["head_warmup_teacher"]
+    assert trajectory_diff(legacy, to_dict(cfg)) == []
+    changed = load_config(None, ["data.batch_size=100", "optim.epochs=2", "gram.enabled=true"])
+    assert trajectory_diff(legacy, to_dict(changed)) == ["gram.enabled: False -> True"]
