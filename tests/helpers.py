@@ -31,6 +31,12 @@ TINY_MODEL = ["model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "mod
               "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=2", "dino.out_dim=64",
               "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
 
+#: a 1-block, 32-wide ViT with the DINOv2 parts (Sinkhorn-Knopp, iBOT with its own head, KoLeo), in-process
+TINY_SD = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4",
+           "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=64",
+           "dino.hidden_dim=24", "dino.bottleneck_dim=16", "dino.centering=sinkhorn", "ibot.enabled=true",
+           "ibot.out_dim=32", "koleo.weight=0.1", "model.drop_path_rate=0"]
+
 #: a 1-block ViT run (no workers, no progress bar) for in-process Trainer tests
 TINY_RUN = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
             "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",

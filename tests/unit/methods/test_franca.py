@@ -15,6 +15,7 @@ from fovea.masking.cyclic import inverse_block_mask, random_roll
 from fovea.methods.base import StepValues
 from fovea.methods.dino import DINO
 from fovea.models.matryoshka import MatryoshkaHead, level_prototypes, nesting_widths
+from helpers import TINY_SD
 
 # --------------------------------------------------------------------------- CyclicMask
 
@@ -143,11 +144,7 @@ def test_l2_norm_option() -> None:
 
 # --------------------------------------------------------------------------- per-level losses in the method
 
-TINY = ["method=franca", "model.arch=vit_tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
-        "model.patch_size=4", "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1",
-        "dino.out_dim=64", "dino.hidden_dim=24", "dino.bottleneck_dim=16", "dino.centering=sinkhorn",
-        "ibot.enabled=true", "ibot.out_dim=32", "koleo.weight=0.1", "model.layerscale_init=1e-5",
-        "model.drop_path_rate=0", "matryoshka.enabled=true", "matryoshka.widths=[8,32]"]
+TINY = ["method=franca", *TINY_SD, "model.layerscale_init=1e-5", "matryoshka.enabled=true", "matryoshka.widths=[8,32]"]
 SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.04,
                 sched={"momentum": 0.996, "teacher_temp": 0.04, "freeze_last_layer": 0.0})
 

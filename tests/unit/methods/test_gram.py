@@ -11,12 +11,9 @@ from fovea.losses.gram import gram_loss, resize_patch_grid
 from fovea.methods.base import StepValues
 from fovea.methods.dino import DINO
 from fovea.methods.terms.gram import gram_weight, refreshes_after
+from helpers import TINY_SD
 
-TINY = ["method=dinov3", "model.arch=vit_tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
-        "model.patch_size=4", "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1",
-        "dino.out_dim=64", "dino.hidden_dim=24", "dino.bottleneck_dim=16", "dino.centering=sinkhorn",
-        "ibot.enabled=true", "ibot.out_dim=32", "koleo.weight=0.1", "model.drop_path_rate=0",
-        "gram.enabled=true", "gram.start=2", "gram.refresh_every=3", "gram.weight=2.0", "optim.momentum_teacher=0.99"]
+TINY = ["method=dinov3", *TINY_SD, "gram.enabled=true", "gram.start=2", "gram.refresh_every=3", "gram.weight=2.0", "optim.momentum_teacher=0.99"]
 
 
 def _gram_ref(xs: np.ndarray, xg: np.ndarray) -> float:
