@@ -83,6 +83,17 @@ class GramConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation of a frozen teacher into a smaller student (the ``distill`` section, METHODS.md 3 and 5c)."""
+
+    teacher: str = ""  # the frozen teacher: run folder, imported folder, backbone.safetensors, checkpoint or released file
+    target: Literal["features"] = "features"  # features: the student's CLS and patch tokens, through a learned projection, regress the teacher's normalised ones
+    loss: Literal["cosine", "smooth_l1"] = "cosine"  # cosine (1 - cos) | smooth_l1 (beta 1, on L2-normalised tokens)
+    patch_weight: float = 1.0  # weight of the patch-token term (the CLS term has weight 1)
+    teacher_size: int | None = field(default=None, metadata={"auto": True})  # the teacher's input size (its crops resized); null = the student's
+
+
+@dataclass
 class HighResConfig:
     """High-resolution phase at the end of training (the ``highres`` section, DINOv2 adaptation)."""
 
@@ -196,7 +207,7 @@ class TrainConfig:
 class RunConfig:
     """A whole run: method, model, data, optimisation, evaluation."""
 
-    method: str = "dino"  # dino | dinov2 | franca | dinov3 (one self-distillation family; the ibot/koleo/centering/matryoshka/gram keys select parts) | ijepa
+    method: str = "dino"  # dino | dinov2 | franca | dinov3 (one self-distillation family; the ibot/koleo/centering/matryoshka/gram keys select parts) | ijepa | distill
     name: str = ""  # preset or experiment name (used in the default output_dir)
     description: str = ""  # one line shown by `fovea presets`
     output_dir: str = ""  # run folder; "" = runs/<name>
@@ -207,6 +218,7 @@ class RunConfig:
     koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
     matryoshka: MatryoshkaConfig = field(default_factory=MatryoshkaConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     highres: HighResConfig = field(default_factory=HighResConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -2,7 +2,7 @@
 module ending with ``register(MethodSpec(...))`` and one import line below."""
 from __future__ import annotations
 
-from fovea.methods import dino_spec, ijepa  # noqa: F401  (each registers its MethodSpec)
+from fovea.methods import dino_spec, distill, ijepa  # noqa: F401  (each registers its MethodSpec)
 from fovea.methods.spec import MethodSpec, registered
 
 METHODS: tuple[str, ...] = tuple(registered())
