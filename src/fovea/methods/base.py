@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,9 @@ from fovea.core.plan import Plan
 from fovea.core.schedules import auto_momentum, ema_momentum
 from fovea.data.loader import EpochBatchSampler
 from fovea.models.vit import VisionTransformer
+
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass
@@ -71,6 +75,30 @@ class Method(nn.Module):
         groups = [[p for p in m.parameters() if p.requires_grad] for m in self.student.children()]
         own = [p for p in self.student.parameters(recurse=False) if p.requires_grad]
         return [g for g in groups + [own] if g]
+
+
+def frozen_copy(module: M) -> M:
+    """A separate deep copy of ``module`` (never aliased) to hold a teacher: no stochastic depth in its blocks,
+    no gradients, eval mode."""
+    from fovea.models.layers import Block
+    out = copy.deepcopy(module)
+    for blk in out.modules():
+        if isinstance(blk, Block):
+            blk.drop_path_rate = 0.0
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out.eval()
+
+
+class EMABackbone(nn.Module):
+    """Holds an EMA backbone under the name ``backbone`` (checkpoint keys ``teacher.backbone.*``): I-JEPA's
+    target encoder, the distilled student's EMA."""
+
+    backbone: VisionTransformer
+
+    def __init__(self, backbone: VisionTransformer) -> None:
+        super().__init__()
+        self.backbone = backbone
 
 
 @torch.no_grad()

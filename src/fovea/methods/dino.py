@@ -9,7 +9,6 @@ module returning (loss, logs). Every head returns a list of levels (one level wi
 """
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, cast
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from fovea.config.schema import RunConfig
 from fovea.data.augment import normalize
-from fovea.methods.base import Method, StepValues, ema_update
+from fovea.methods.base import Method, StepValues, ema_update, frozen_copy
 from fovea.methods.terms import TERMS, Outputs, Parts, StepInput, Term
 from fovea.models.heads import DINOHead
 from fovea.models.matryoshka import MatryoshkaHead, nesting_widths
@@ -109,13 +108,7 @@ class DINO(Method):
         # Without iBOT the inputs are never masked: the mask token takes no part (and must not, for DDP).
         backbone.mask_token.requires_grad_(ib.enabled)
         self.student = Student(backbone, head, patch_head, shared_head=ib.enabled and not ib.separate_head)
-        # The teacher is a separate deep copy (never aliased), without stochastic depth, frozen, eval mode.
-        self.teacher = copy.deepcopy(self.student)
-        for blk in self.teacher.backbone.block_list:
-            blk.drop_path_rate = 0.0
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = frozen_copy(self.student)
         level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(self.widths)
         if len(level_weights) != len(self.widths):
             raise ValueError(f"matryoshka.loss_weights: {len(level_weights)} weights for {len(self.widths)} "

@@ -8,7 +8,6 @@ patch grid is then resized bicubically to the student's. The teacher uses its ow
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -19,7 +18,8 @@ from fovea.config.schema import RunConfig
 from fovea.core.plan import Plan
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from fovea.losses.gram import resize_patch_grid
-from fovea.methods.base import Method, StepValues, ema_schedule_value, ema_update, resolve_momentum
+from fovea.methods.base import (EMABackbone, Method, StepValues, ema_schedule_value, ema_update, frozen_copy,
+                               resolve_momentum)
 from fovea.methods.spec import MethodSpec, Schedule, register
 from fovea.models.flops import backbone_flops, dims
 from fovea.models.vit import VisionTransformer
@@ -53,21 +53,11 @@ class DistillStudent(nn.Module):
         return self.cls_proj(cls), self.patch_proj(patches)
 
 
-class StudentEMA(nn.Module):
-    """The EMA of the student's backbone (under ``backbone``: checkpoint keys ``teacher.backbone.*``)."""
-
-    backbone: VisionTransformer
-
-    def __init__(self, backbone: VisionTransformer) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-
 class Distill(Method):
     """A batch is the multi-crop batch of the self-distillation family; only the two global crops are used."""
 
     student: DistillStudent
-    teacher: StudentEMA
+    teacher: EMABackbone
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
@@ -87,12 +77,7 @@ class Distill(Method):
         backbone = VisionTransformer(cfg.model)
         backbone.mask_token.requires_grad_(False)  # no masking in distillation
         self.student = DistillStudent(backbone, frozen.embed_dim)
-        ema = copy.deepcopy(backbone)
-        for blk in ema.block_list:
-            blk.drop_path_rate = 0.0
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        self.teacher = StudentEMA(ema).eval()
+        self.teacher = EMABackbone(frozen_copy(backbone)).eval()  # the student's EMA: the result
 
     @property
     def frozen(self) -> VisionTransformer:

@@ -7,7 +7,6 @@ EMA copy of the context encoder that sees the whole image and never receives gra
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
@@ -22,7 +21,8 @@ from fovea.core.schedules import pair
 from fovea.data.augment import normalize
 from fovea.data.base import ImageSource
 from fovea.losses.jepa import jepa_loss, jepa_targets
-from fovea.methods.base import Method, StepValues, ema_schedule_value, ema_update, resolve_momentum
+from fovea.methods.base import (EMABackbone, Method, StepValues, ema_schedule_value, ema_update, frozen_copy,
+                               resolve_momentum)
 from fovea.methods.spec import MethodSpec, Schedule, register
 from fovea.models.flops import backbone_flops, block_flops, dims
 from fovea.models.predictor import Predictor
@@ -45,16 +45,6 @@ class ContextPredictor(nn.Module):
         return self.predictor(z, ctx_idx, ctx_valid, tgt_idx, tgt_valid)
 
 
-class TargetEncoder(nn.Module):
-    """Holds the EMA backbone under the name ``backbone`` (checkpoint keys ``teacher.backbone.*``)."""
-
-    backbone: VisionTransformer
-
-    def __init__(self, backbone: VisionTransformer) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-
 def gather_targets(h: Tensor, tgt_idx: Tensor) -> Tensor:
     """Patch features h [B, Np, D] at target indices [B, M, Nt] -> [B*M, Nt, D]."""
     b, m, nt = tgt_idx.shape
@@ -74,7 +64,7 @@ class IJEPA(Method):
     """I-JEPA method. A batch is the output of :class:`fovea.data.single_view.MaskCollate`."""
 
     student: ContextPredictor
-    teacher: TargetEncoder
+    teacher: EMABackbone
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
@@ -87,12 +77,7 @@ class IJEPA(Method):
                               j.pred_heads or backbone.num_heads, norm_eps=cfg.model.norm_eps,
                               sincos_layout=cfg.model.sincos_layout)
         self.student = ContextPredictor(backbone, predictor)
-        target = copy.deepcopy(backbone)  # separate object, never aliased
-        for blk in target.block_list:
-            blk.drop_path_rate = 0.0
-        for p in target.parameters():
-            p.requires_grad_(False)
-        self.teacher = TargetEncoder(target).eval()
+        self.teacher = EMABackbone(frozen_copy(backbone)).eval()  # the target encoder
 
     def train(self, mode: bool = True) -> "IJEPA":
         super().train(mode)

@@ -4,14 +4,13 @@ and refreshed every ``gram.refresh_every`` steps after it. The Gram teacher may 
 larger size (``gram.teacher_size``); its patch grid is then resized bicubically to the student's."""
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import Tensor
 
 from fovea.config.schema import RunConfig
 from fovea.losses.gram import gram_loss, resize_patch_grid
-from fovea.methods.base import StepValues
+from fovea.methods.base import StepValues, frozen_copy
 from fovea.methods.terms.base import Outputs, Parts, StepInput, Term
 from fovea.models.vit import VisionTransformer
 
@@ -47,10 +46,7 @@ class GramTerm(Term):
     def __init__(self, parts: Parts) -> None:
         super().__init__()
         self.cfg = parts.cfg
-        self.teacher = copy.deepcopy(parts.teacher_backbone)  # the snapshot (saved with the checkpoint)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher = frozen_copy(parts.teacher_backbone)  # the snapshot (saved with the checkpoint)
         self.__dict__["ema_teacher"] = parts.teacher_backbone  # a reference, kept out of the module tree
         self.register_buffer("taken", torch.zeros((), dtype=torch.bool))
 
