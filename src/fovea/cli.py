@@ -166,6 +166,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fovea.eval.commands import add_backbone_options, add_eval_commands
+    from fovea.curate.commands import add_curate_command
     from fovea.hub.commands import add_hub_commands
     p = argparse.ArgumentParser(prog="fovea", description="Pretrain, post-train and evaluate self-supervised "
                                 "Vision Transformers (DINO, iBOT, DINOv2, Franca, I-JEPA).")
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_rasa)
 
     add_hub_commands(sub)
+    add_curate_command(sub)
 
     pr = sub.add_parser("presets", help="list the shipped presets", description="List presets, one line each.")
     pr.set_defaults(func=cmd_presets)

@@ -87,9 +87,9 @@ class DistillConfig:
     """Distillation of a frozen teacher into a smaller student (the ``distill`` section, METHODS.md 3 and 5c)."""
 
     teacher: str = ""  # the frozen teacher: run folder, imported folder, backbone.safetensors, checkpoint or released file
-    target: Literal["features"] = "features"  # features: the student's CLS and patch tokens, through a learned projection, regress the teacher's normalised ones
+    target: Literal["features", "heads"] = "features"  # features: the student's CLS and patch tokens, through a learned projection, regress the teacher's normalised ones | heads: the teacher's frozen DINO (+ iBOT) heads give the targets of the student's own heads (DINOv2; the teacher must have heads)
     loss: Literal["cosine", "smooth_l1"] = "cosine"  # cosine (1 - cos) | smooth_l1 (beta 1, on L2-normalised tokens)
-    patch_weight: float = 1.0  # weight of the patch-token term (the CLS term has weight 1)
+    patch_weight: float = 1.0  # weight of the patch-token term (the CLS term has weight 1); target=features (heads: ibot.loss_weight)
     teacher_size: int | None = field(default=None, metadata={"auto": True})  # the teacher's input size (its crops resized); null = the student's
 
 

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 import numpy as np
 
 
-SourceKind = Literal["fmnist", "parquet", "folder"]
+SourceKind = Literal["fmnist", "parquet", "folder", "manifest"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 
 
@@ -16,8 +16,8 @@ SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 class SourceConfig:
     """Which images to read. ``limit > 0`` keeps a fixed random subset (seeded by ``seed``)."""
 
-    kind: SourceKind = "fmnist"  # fmnist | parquet | folder
-    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir
+    kind: SourceKind = "fmnist"  # fmnist | parquet | folder | manifest (the output of `fovea curate`)
+    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir; manifest: curate folder or its manifest.parquet
     split: str = "train"  # fmnist only: "train" | "test"
     limit: int = 0  # > 0: a fixed random subset of this many images
     seed: int = 0  # seed of the `limit` subset

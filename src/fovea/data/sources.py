@@ -238,8 +238,13 @@ def build_source(cfg: SourceConfig) -> ImageSource:
         if not cfg.path:
             raise ValueError("source kind 'folder' needs path=<directory>")
         src = FolderSource(cfg.path)
+    elif kind == "manifest":
+        if not cfg.path:
+            raise ValueError("source kind 'manifest' needs path=<fovea curate output folder or manifest.parquet>")
+        from fovea.data.manifest import ManifestSource
+        src = ManifestSource(cfg.path)
     else:
-        raise ValueError(f"unknown source kind {cfg.kind!r} (expected fmnist, parquet or folder)")
+        raise ValueError(f"unknown source kind {cfg.kind!r} (expected fmnist, parquet, folder or manifest)")
     if cfg.limit < 0:
         raise ValueError(f"limit must be >= 0, got {cfg.limit}")
     if 0 < cfg.limit < len(src):

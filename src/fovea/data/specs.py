@@ -1,4 +1,5 @@
-"""Data-set specs of the command line: ``fmnist:train|test[:DIR]``, ``parquet:FILE``, ``folder:DIR``."""
+"""Data-set specs of the command line: ``fmnist:train|test[:DIR]``, ``parquet:FILE``, ``folder:DIR``,
+``manifest:DIR`` (a ``fovea curate`` output)."""
 from __future__ import annotations
 
 from fovea.data.base import ImageSource, SourceConfig
@@ -10,14 +11,14 @@ class SpecError(ValueError):
 
 
 def parse_source_spec(spec: str) -> dict:
-    """'fmnist:train[:DIR]' | 'parquet:FILE' | 'folder:DIR' -> SourceConfig fields."""
+    """'fmnist:train[:DIR]' | 'parquet:FILE' | 'folder:DIR' | 'manifest:DIR' -> SourceConfig fields."""
     kind, _, rest = spec.partition(":")
     if kind == "fmnist":
         split, _, path = rest.partition(":")
         return {"kind": "fmnist", "split": split or "train", "path": path}
-    if kind in ("parquet", "folder") and rest:
+    if kind in ("parquet", "folder", "manifest") and rest:
         return {"kind": kind, "path": rest}
-    raise SpecError(f"bad data spec {spec!r}: use fmnist:train|test[:DIR], parquet:FILE or folder:DIR")
+    raise SpecError(f"bad data spec {spec!r}: use fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR")
 
 
 def source_from_spec(spec: str | None, fallback: dict | None = None, limit: int = 0, seed: int | None = None,

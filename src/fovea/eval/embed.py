@@ -8,6 +8,7 @@ stays at one batch; unreadable images are skipped and counted.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,29 @@ def _collate(items: list) -> dict:
             "skipped": len(items) - len(ok)}
 
 
+def embed_batches(backbone: VisionTransformer, source: ImageSource, kinds: list[str], size: int, device: torch.device,
+                  batch_size: int = 256, num_workers: int = 0, mean: list[float] | None = None,
+                  std: list[float] | None = None, progress: bool = True, desc: str = "embed"
+                  ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
+    """Yield ``(item indices [b], {kind: float32 [b, D_kind]}, unreadable images in the batch)`` for every
+    batch of ``source`` (indices into ``source``; unreadable images are skipped and counted)."""
+    backbone = backbone.to(device).eval()
+    n_last = 4 if any(k.startswith("cls_last4") for k in kinds) else 1
+    loader = DataLoader(_Items(source, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        worker_init_fn=ignore_stop_signals if num_workers else None)
+    mean, std = list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if batch["images"] is None:
+            yield np.zeros(0, np.int64), {}, batch["skipped"]
+            continue
+        x = normalize(batch["images"].to(device), mean, std)
+        with torch.no_grad():
+            c, m, r = forward_bank(backbone, x, n_last)
+        bank = FeatureBank(c.float().cpu(), m.float().cpu(), r.float().cpu(),
+                           torch.zeros(len(batch["index"]), dtype=torch.long), backbone.n_cls > 0)
+        yield np.asarray(batch["index"], np.int64), {k: bank.get(k).numpy() for k in kinds}, batch["skipped"]
+
+
 def embed(backbone: VisionTransformer, source: ImageSource, out: str | Path, kinds: list[str], size: int,
           device: torch.device, batch_size: int = 256, num_workers: int = 0,
           mean: list[float] | None = None, std: list[float] | None = None, progress: bool = True) -> dict:
@@ -62,30 +86,20 @@ def embed(backbone: VisionTransformer, source: ImageSource, out: str | Path, kin
     if fmt not in (".parquet", ".npy"):
         raise ValueError(f"--out {out}: the file must end in .parquet or .npy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    backbone = backbone.to(device).eval()
-    n_last = 4 if any(k.startswith("cls_last4") for k in kinds) else 1
-    loader = DataLoader(_Items(source, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                        worker_init_fn=ignore_stop_signals if num_workers else None)
-    mean, std = list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD)
     writer, tmp = None, out.with_name(f".{out.name}.tmp")
     mats, idxs, labs = [], [], []
     rows = skipped = 0
     dims: dict[str, int] = {}
     t0 = time.time()
     try:
-        for batch in tqdm(loader, desc="embed", disable=not progress, leave=False):
-            skipped += batch["skipped"]
-            if batch["images"] is None:
+        for index, feats, n_bad in embed_batches(backbone, source, kinds, size, device, batch_size, num_workers,
+                                                 mean, std, progress):
+            skipped += n_bad
+            if not len(index):
                 continue
-            x = normalize(batch["images"].to(device), mean, std)
-            with torch.no_grad():
-                c, m, r = forward_bank(backbone, x, n_last)
-            bank = FeatureBank(c.float().cpu(), m.float().cpu(), r.float().cpu(),
-                               torch.zeros(len(batch["index"]), dtype=torch.long), backbone.n_cls > 0)
-            feats = {k: bank.get(k).numpy() for k in kinds}
             dims = {k: int(v.shape[1]) for k, v in feats.items()}
-            ident = [item_identity(source, i) for i in batch["index"]]
-            labels = source.labels[np.asarray(batch["index"], dtype=np.int64)]
+            ident = [item_identity(source, int(i)) for i in index]
+            labels = source.labels[index]
             rows += len(ident)
             if fmt == ".parquet":
                 import pyarrow as pa

@@ -81,3 +81,39 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTrans
 def state_dict_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """True when both state dicts have the same keys and identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_head_states(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict | None]:
+    """The DINO / iBOT heads that come with a backbone: ``({"dino_head": sd, "ibot_head": sd}, run config)``.
+
+    Found in ``heads.safetensors`` beside an imported or exported backbone, in a fovea run's (or training
+    checkpoint's) teacher heads (the run's config is returned with them: it says how to build the heads), or
+    in a released file that has heads (a DINOv2 training teacher checkpoint, a DINO v1 full checkpoint).
+    ``({}, None)`` when there are none.
+    """
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    if (p.is_dir() or p.suffix == ".safetensors") and (folder / "heads.safetensors").exists():
+        flat = load_file(str(folder / "heads.safetensors"))
+        for h in ("dino_head", "ibot_head"):
+            sd = {k[len(h) + 1:]: v for k, v in flat.items() if k.startswith(h + ".")}
+            if sd:
+                heads[h] = sd
+        return heads, None
+    if p.is_dir():
+        p = folder / "checkpoints" / "last.pt"
+    if p.suffix == ".safetensors" or not p.exists():
+        return heads, None
+    from fovea.hub.released import ReleasedFileError, read_file, read_released
+    ckpt = read_file(p)
+    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # a fovea training checkpoint
+        for h, name in (("dino_head", "teacher.head."), ("ibot_head", "teacher.patch_head.")):
+            sd = {k[len(name):]: v for k, v in ckpt["model"].items() if k.startswith(name)}
+            if sd:
+                heads[h] = sd
+        return heads, ckpt["config"]
+    try:
+        return dict(read_released(p).heads), None
+    except ReleasedFileError:
+        return heads, None

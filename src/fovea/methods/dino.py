@@ -67,6 +67,40 @@ class Student(nn.Module):
         return logits, cls, [e[:0] for e in head_p(patches[:1, 0])], patches
 
 
+
+def build_heads(cfg: RunConfig, embed_dim: int) -> tuple[Head, Head | None, list[int]]:
+    """(DINO head, separate iBOT head or None, level widths) for a backbone of width ``embed_dim``, as the
+    ``dino`` / ``ibot`` / ``matryoshka`` sections say (one level without Matryoshka)."""
+    d, ib, mt = cfg.dino, cfg.ibot, cfg.matryoshka
+    if d.out_dim is None:
+        raise ValueError("dino.out_dim=null (auto) must be resolved first (fovea.methods.dino_spec.resolve)")
+    widths = nesting_widths(embed_dim, mt.widths) if mt.enabled else [embed_dim]
+
+    def make_head(k: int, hidden: int, bottleneck: int) -> Head:
+        if mt.enabled:
+            return MatryoshkaHead(embed_dim, k, widths, hidden, bottleneck, d.nlayers, d.norm_last_layer, d.use_bn,
+                                  mt.l2_norm, mt.input)
+        return DINOHead(embed_dim, k, hidden, bottleneck, d.nlayers, d.norm_last_layer, d.use_bn)
+
+    head = make_head(d.out_dim, d.hidden_dim, d.bottleneck_dim)
+    patch_head = None
+    if ib.enabled and ib.separate_head:
+        patch_head = make_head(ib.out_dim or d.out_dim, ib.hidden_dim or d.hidden_dim,
+                               ib.bottleneck_dim or d.bottleneck_dim)
+    return head, patch_head, widths
+
+
+def head_parts(cfg: RunConfig, widths: list[int], head: Head, patch_head: Head | None,
+               teacher_backbone: VisionTransformer) -> Parts:
+    """What the loss terms are built from: the level widths and weights (``matryoshka.loss_weights``, 1 each
+    by default) and the prototypes of the heads."""
+    mt = cfg.matryoshka
+    level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(widths)
+    if len(level_weights) != len(widths):
+        raise ValueError(f"matryoshka.loss_weights: {len(level_weights)} weights for {len(widths)} levels {widths}")
+    return Parts(cfg, widths, level_weights, head.out_dims, (patch_head or head).out_dims, teacher_backbone)
+
+
 _LEGACY = ((re.compile(r"^loss_fn\.center$"), "terms.dino.levels.0.center"),
            (re.compile(r"^loss_fn\.(\d+)\.center$"), r"terms.dino.levels.\1.center"),
            (re.compile(r"^patch_loss_fn\.center$"), "terms.ibot.levels.0.center"),
@@ -88,33 +122,13 @@ class DINO(Method):
         super().__init__()
         self.cfg = cfg
         backbone = VisionTransformer(cfg.model)
-        d, ib, mt = cfg.dino, cfg.ibot, cfg.matryoshka
-        if d.out_dim is None:
-            raise ValueError("dino.out_dim=null (auto) must be resolved first (fovea.methods.dino_spec.resolve)")
-        out_dim = d.out_dim
-        self.widths = nesting_widths(backbone.embed_dim, mt.widths) if mt.enabled else [backbone.embed_dim]
-
-        def make_head(k: int, hidden: int, bottleneck: int) -> Head:
-            if mt.enabled:
-                return MatryoshkaHead(backbone.embed_dim, k, self.widths, hidden, bottleneck, d.nlayers,
-                                      d.norm_last_layer, d.use_bn, mt.l2_norm, mt.input)
-            return DINOHead(backbone.embed_dim, k, hidden, bottleneck, d.nlayers, d.norm_last_layer, d.use_bn)
-
-        head = make_head(out_dim, d.hidden_dim, d.bottleneck_dim)
-        patch_head = None
-        if ib.enabled and ib.separate_head:
-            patch_head = make_head(ib.out_dim or out_dim, ib.hidden_dim or d.hidden_dim,
-                                   ib.bottleneck_dim or d.bottleneck_dim)
+        ib = cfg.ibot
+        head, patch_head, self.widths = build_heads(cfg, backbone.embed_dim)
         # Without iBOT the inputs are never masked: the mask token takes no part (and must not, for DDP).
         backbone.mask_token.requires_grad_(ib.enabled)
         self.student = Student(backbone, head, patch_head, shared_head=ib.enabled and not ib.separate_head)
         self.teacher = frozen_copy(self.student)
-        level_weights = list(mt.loss_weights) if mt.enabled and mt.loss_weights else [1.0] * len(self.widths)
-        if len(level_weights) != len(self.widths):
-            raise ValueError(f"matryoshka.loss_weights: {len(level_weights)} weights for {len(self.widths)} "
-                             f"levels {self.widths}")
-        parts = Parts(cfg, self.widths, level_weights, head.out_dims, (patch_head or head).out_dims,
-                      self.teacher.backbone)
+        parts = head_parts(cfg, self.widths, head, patch_head, self.teacher.backbone)
         self.terms = nn.ModuleDict({t.name: t(parts) for t in TERMS if t.enabled(cfg)})
         self.register_load_state_dict_pre_hook(self._legacy_keys)
 

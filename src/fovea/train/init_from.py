@@ -3,15 +3,14 @@
 ``train.init_from`` names a run folder, an imported folder, a ``backbone.safetensors``, a training
 checkpoint or a released file. Its architecture replaces the ``model`` section's architecture keys
 (training keys such as drop-path stay the preset's), its weights go into the student and the teacher
-backbone, and its heads (``heads.safetensors`` of an imported folder, or a fovea run's teacher heads)
-into both heads when their shapes match the config. Without heads, the fresh heads are trained alone
+backbone, and its heads (``heads.safetensors`` of an imported folder, a fovea run's teacher heads, or a released
+file's heads) into both heads when their shapes match the config. Without heads, the fresh heads are trained alone
 first (``optim.head_warmup_steps``: backbone lr 0; the teacher heads follow by EMA), then the backbone joins with
 ``optim.backbone_lr_mult`` and a linear warm-up of ``optim.backbone_warmup_steps``.
 """
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,30 +47,6 @@ def resolve_init_model(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     return cfg, changed
 
 
-def _head_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{"dino_head" / "ibot_head": state dict} found beside a backbone: ``heads.safetensors`` or a fovea
-    run's teacher heads in ``checkpoints/last.pt``."""
-    folder = path if path.is_dir() else path.parent
-    heads: dict[str, dict[str, torch.Tensor]] = {}
-    if (folder / "heads.safetensors").exists():
-        from safetensors.torch import load_file
-        flat = load_file(str(folder / "heads.safetensors"))
-        for h in ("dino_head", "ibot_head"):
-            sd = {k[len(h) + 1:]: v for k, v in flat.items() if k.startswith(h + ".")}
-            if sd:
-                heads[h] = sd
-        return heads
-    ckpt = folder / "checkpoints" / "last.pt" if path.is_dir() else (path if path.suffix == ".pt" else None)
-    if ckpt is not None and ckpt.exists():
-        from fovea.core.checkpoint import load_checkpoint
-        model = load_checkpoint(ckpt).get("model", {})
-        for h, name in (("dino_head", "teacher.head."), ("ibot_head", "teacher.patch_head.")):
-            sd = {k[len(name):]: v for k, v in model.items() if k.startswith(name)}
-            if sd:
-                heads[h] = sd
-    return heads
-
-
 def _load_head(module: nn.Module | None, sd: dict[str, torch.Tensor] | None) -> str:
     if module is None or sd is None:
         return "absent"
@@ -97,7 +72,8 @@ def load_init(method: Method, path: str) -> dict[str, str]:
             raise ValueError(f"train.init_from: backbone keys differ from the model: missing {missing[:6]}, "
                              f"unexpected {unexpected[:6]}")
     report = {"backbone": "loaded"}
-    heads = _head_states(Path(path))
+    from fovea.hub.backbone import load_head_states
+    heads, _ = load_head_states(path)
     for h, attr in (("dino_head", "head"), ("ibot_head", "patch_head")):
         s_mod = getattr(method.student, attr, None)
         if s_mod is None:
