@@ -7,15 +7,17 @@ each open their own. Labels are the manifest's ``label`` column (-1 when the sou
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from fovea.data.base import ImageSource
+from fovea.data.base import ImageSource, SourceConfig, parse_source_spec
 
 
 class ManifestSource(ImageSource):
-    def __init__(self, path: str) -> None:
+    """``open_source`` builds the source of a ``SourceConfig`` (``fovea.data.sources.build_source``)."""
+
+    def __init__(self, path: str, open_source: Callable[[SourceConfig], ImageSource]) -> None:
         import pyarrow.parquet as pq
         p = Path(path)
         if p.is_dir():
@@ -31,6 +33,7 @@ class ManifestSource(ImageSource):
         self.items = table.column("index").to_numpy().astype(np.int64)
         self.labels = table.column("label").to_numpy().astype(np.int64)
         self.name = f"manifest:{p}"
+        self.open_source = open_source
         self._sources: list[ImageSource] | None = None
         names = self.sources[0].class_names if len(self.specs) == 1 else []
         self.class_names = list(names)
@@ -38,8 +41,8 @@ class ManifestSource(ImageSource):
     @property
     def sources(self) -> list[ImageSource]:
         if self._sources is None:
-            from fovea.data.specs import source_from_spec
-            self._sources = [source_from_spec(s, what=f"{self.name}: source") for s in self.specs]
+            fields = [parse_source_spec(s) for s in self.specs]
+            self._sources = [self.open_source(SourceConfig(**f)) for f in fields]
         return self._sources
 
     def __getstate__(self) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def build_source(cfg: SourceConfig) -> ImageSource:
         if not cfg.path:
             raise ValueError("source kind 'manifest' needs path=<fovea curate output folder or manifest.parquet>")
         from fovea.data.manifest import ManifestSource
-        src = ManifestSource(cfg.path)
+        src = ManifestSource(cfg.path, build_source)
     else:
         raise ValueError(f"unknown source kind {cfg.kind!r} (expected fmnist, parquet, folder or manifest)")
     if cfg.limit < 0:

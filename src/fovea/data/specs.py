@@ -2,23 +2,10 @@
 ``manifest:DIR`` (a ``fovea curate`` output)."""
 from __future__ import annotations
 
-from fovea.data.base import ImageSource, SourceConfig
+from fovea.data.base import ImageSource, SourceConfig, SpecError, parse_source_spec
 from fovea.data.sources import build_source
 
-
-class SpecError(ValueError):
-    """A malformed data spec (the CLI reports it with exit 2)."""
-
-
-def parse_source_spec(spec: str) -> dict:
-    """'fmnist:train[:DIR]' | 'parquet:FILE' | 'folder:DIR' | 'manifest:DIR' -> SourceConfig fields."""
-    kind, _, rest = spec.partition(":")
-    if kind == "fmnist":
-        split, _, path = rest.partition(":")
-        return {"kind": "fmnist", "split": split or "train", "path": path}
-    if kind in ("parquet", "folder", "manifest") and rest:
-        return {"kind": kind, "path": rest}
-    raise SpecError(f"bad data spec {spec!r}: use fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR")
+__all__ = ["SpecError", "parse_source_spec", "source_from_spec"]
 
 
 def source_from_spec(spec: str | None, fallback: dict | None = None, limit: int = 0, seed: int | None = None,

@@ -92,7 +92,7 @@ def teacher_heads(cfg: RunConfig, teacher_dim: int, student_dim: int
     """The teacher's heads (loaded) and fresh student heads of the same shape: (teacher head, teacher patch
     head, student head, student patch head, shared, level widths). A fovea run's heads are built from its own
     config; heads without one (``heads.safetensors``, a released file) from their weights' shapes."""
-    from fovea.config.loader import build_section, legacy_tree
+    from fovea.config.build import build_section, legacy_tree
     from fovea.hub.backbone import load_head_states
     from fovea.hub.released import head_shape
     path = cfg.distill.teacher
