@@ -10,7 +10,8 @@ SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR"
 def cmd_curate(args: argparse.Namespace) -> int:
     from fovea.curate.run import CurateOptions, curate
     opt = CurateOptions(pool=args.pool, queries=args.queries, model=args.model, out=args.out, exclude=args.exclude,
-                        dedup_threshold=args.dedup_threshold, dedup_k=args.dedup_k, clusters=args.clusters,
+                        dedup_threshold=args.dedup_threshold, dedup_k=args.dedup_k,
+                        dedup_rule=args.dedup_groups, exclude_threshold=args.exclude_threshold, clusters=args.clusters,
                         per_query=args.per_query, per_cluster=args.per_cluster, feature=args.features,
                         size=args.size, batch_size=args.batch_size, workers=args.workers, device=args.device,
                         cache=args.cache, seed=args.seed, which=args.which, progress=not args.json)
@@ -35,8 +36,9 @@ def add_curate_command(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "curate", help="retrieve a curated training set from an uncurated pool (DINOv2's LVD pipeline)",
         description="Embed the pool, the queries and the --exclude sets with a frozen backbone (batched, cached in "
-        "OUT/cache), remove near-duplicates within the pool (cosine above --dedup-threshold to one of an image's "
-        "--dedup-k nearest neighbours; one image kept per group) and pool images that copy an --exclude image, "
+        "OUT/cache), remove pool images that copy an --exclude image and near-duplicates within the rest of the "
+        "pool (cosine above --dedup-threshold to one of an image's --dedup-k nearest neighbours; one image kept "
+        "per group), "
         "k-means the rest with FAISS (spherical; more --clusters values cluster the previous level's centroids), "
         "then retrieve for each query its --per-query nearest pool images or --per-cluster images drawn from its "
         "nearest cluster. Writes OUT/manifest.parquet (one row per kept image: source, index, path, label, "
@@ -49,10 +51,16 @@ def add_curate_command(sub: argparse._SubParsersAction) -> None:
                    help="run folder, imported folder, checkpoint, backbone.safetensors or released file")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder")
     c.add_argument("--exclude", nargs="*", default=[], metavar="SPEC",
-                   help="evaluation sets: pool images with cosine above --dedup-threshold to one of them are removed")
+                   help="evaluation sets: pool images with cosine above --exclude-threshold to one of them are removed")
     c.add_argument("--dedup-threshold", type=float, default=0.95, help="cosine similarity above which two images "
                    "are near-duplicates")
+    c.add_argument("--exclude-threshold", type=float, default=None, help="cosine similarity above which a pool "
+                   "image copies an --exclude image (default: --dedup-threshold)")
     c.add_argument("--dedup-k", type=int, default=8, help="nearest neighbours examined per pool image")
+    c.add_argument("--dedup-groups", choices=["greedy", "components"], default="greedy",
+                   help="greedy: in pool order, an image is removed when it duplicates an image kept before it; "
+                   "components: one image kept per connected group of duplicates (transitive: chains of similar "
+                   "images join, which a weak embedding turns into most of the pool)")
     c.add_argument("--clusters", type=int, nargs="+", default=[100], metavar="K",
                    help="k-means clusters, finest level first (e.g. 1000 100: 1000 clusters, then 100 of them)")
     rule = c.add_mutually_exclusive_group()

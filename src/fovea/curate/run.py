@@ -1,9 +1,11 @@
 """``fovea curate``: a curated training set retrieved from an uncurated pool around a few query images
 (the LVD-142M pipeline of DINOv2, METHODS.md section 3).
 
-Stages: embed the pool, the queries and every ``--exclude`` set (batched, cached); remove near-duplicates
-within the pool (cosine above ``--dedup-threshold`` to one of an item's nearest neighbours; one image kept
-per connected group, the first); remove pool images that copy an excluded (evaluation) image; k-means the
+Stages: embed the pool, the queries and every ``--exclude`` set (batched, cached); remove pool images that
+copy an excluded (evaluation) image (cosine above ``--exclude-threshold``, by default ``--dedup-threshold``); remove near-duplicates within the
+rest (cosine above the threshold to one of an item's ``--dedup-k`` nearest neighbours; ``greedy``: in pool
+order, an image is removed when it duplicates an image kept before it; ``components``: one image kept per
+connected group, transitive); k-means the
 rest (FAISS, spherical; further ``--clusters`` values cluster the previous level's centroids); retrieve for
 each query its ``--per-query`` nearest pool images, or ``--per-cluster`` images drawn from its nearest
 cluster. Outputs in ``--out``:
@@ -39,6 +41,8 @@ class CurateOptions:
     exclude: list[str] = field(default_factory=list)
     dedup_threshold: float = 0.95
     dedup_k: int = 8
+    dedup_rule: str = "greedy"
+    exclude_threshold: float | None = None  # None: dedup_threshold
     clusters: list[int] = field(default_factory=lambda: [100])
     per_query: int = 0
     per_cluster: int = 0
@@ -110,8 +114,10 @@ def curate(opt: CurateOptions) -> dict:
         raise ValueError("--per-query and --per-cluster: choose one retrieval rule")
     if not opt.per_query and not opt.per_cluster:
         opt.per_query = 4  # the DINOv2 rule for large query sets
-    if not 0 < opt.dedup_threshold <= 1.0001:
-        raise ValueError(f"--dedup-threshold {opt.dedup_threshold}: a cosine similarity in (0, 1]")
+    ex_threshold = opt.dedup_threshold if opt.exclude_threshold is None else opt.exclude_threshold
+    for name, t in (("--dedup-threshold", opt.dedup_threshold), ("--exclude-threshold", ex_threshold)):
+        if not 0 < t <= 1.0001:
+            raise ValueError(f"{name} {t}: a cosine similarity in (0, 1]")
     if not opt.clusters or any(k < 1 for k in opt.clusters):
         raise ValueError(f"--clusters {opt.clusters}: positive cluster counts, finest first")
     # every spec is read (and named in the error) before any work
@@ -146,19 +152,22 @@ def curate(opt: CurateOptions) -> dict:
     n = pool.n
 
     t0 = time.time()
-    index = S.build_index(pool.x, opt.seed)
-    dups = S.duplicate_groups(pool.x, opt.dedup_threshold, opt.dedup_k, index)
-    times["dedup"] = time.time() - t0
-    t0 = time.time()
     ex_hit = np.zeros(n, bool)
     ex_part, ex_item, ex_sim = np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
     for j, e in enumerate(excl):
         sim, idx = S.nearest(pool.x, e.x)
         better = sim > ex_sim
         ex_sim[better], ex_part[better], ex_item[better] = sim[better], j, e.items[idx[better]]
-        ex_hit |= sim > opt.dedup_threshold
+        ex_hit |= sim > ex_threshold
     times["exclude"] = time.time() - t0
+    t0 = time.time()
+    alive = np.flatnonzero(~ex_hit)  # copies of evaluation images take no part in the pool's groups
+    found = S.duplicate_groups(S.Subset(pool.x, alive), opt.dedup_threshold, opt.dedup_k, rule=opt.dedup_rule)
+    rep, dup_sim = np.arange(n), np.full(n, -np.inf, np.float32)
+    rep[alive], dup_sim[alive] = alive[found.group], found.similarity
+    dups = S.Duplicates(rep, dup_sim)
     removed_dup = dups.removed
+    times["dedup"] = time.time() - t0
     kept = np.flatnonzero(~removed_dup & ~ex_hit)
     if not len(kept):
         raise ValueError("every pool image was removed as a duplicate; raise --dedup-threshold")
@@ -233,7 +242,7 @@ def _write_removed(path: Path, pool: Pool, dups: S.Duplicates, removed_dup: np.n
     rep_specs, rep_items, _, _ = _identity(pool, rep)
     reason, of_spec, of_index, sim = [], [], [], []
     for k, r in enumerate(rows.tolist()):
-        if removed_dup[r]:
+        if not ex_hit[r]:
             reason.append("duplicate")
             of_spec.append(rep_specs[k])
             of_index.append(int(rep_items[k]))
@@ -260,11 +269,13 @@ def _summary(opt: CurateOptions, pool: Pool, query: Embedded, excl: list[Embedde
         per_source.append({"spec": p.spec, "images": len(p.source), "unreadable": p.skipped,
                            "embedded": int(mine.sum()), "cached": p.cached,
                            "duplicates_removed": int((removed_dup & mine).sum()),
-                           "excluded": int((ex_hit & ~removed_dup & mine).sum()),
+                           "excluded": int((ex_hit & mine).sum()),
                            "kept": int((~removed_dup & ~ex_hit & mine).sum()),
                            "retrieved": int((pool.part[rows] == i).sum())})
+    ex_t = opt.dedup_threshold if opt.exclude_threshold is None else opt.exclude_threshold
     return {"model": opt.model, "feature": opt.feature, "size": size, "dedup_threshold": opt.dedup_threshold,
-            "dedup_k": opt.dedup_k, "rule": rule, "clusters": ks, "index": "flat" if pool.n <= S.FLAT_MAX else "ivf",
+            "exclude_threshold": ex_t,
+            "dedup_k": opt.dedup_k, "dedup_rule": opt.dedup_rule, "rule": rule, "clusters": ks, "index": "flat" if pool.n <= S.FLAT_MAX else "ivf",
             "pool": {"images": int(sum(len(p.source) for p in pool.parts)), "embedded": pool.n,
                      "duplicates_removed": int(removed_dup.sum()), "duplicate_groups": dups.n_groups,
                      "excluded": int((ex_hit & ~removed_dup).sum()), "kept": len(kept), "sources": per_source},
@@ -282,7 +293,8 @@ def _summary(opt: CurateOptions, pool: Pool, query: Embedded, excl: list[Embedde
 def _report_md(s: dict) -> str:
     p, q, c, sim = s["pool"], s["queries"], s["cluster_sizes"], s["similarity"]
     head = (f"Model `{s['model']}` ({s['feature']} at {s['size']} px); near-duplicates: cosine > "
-            f"{s['dedup_threshold']} to one of the {s['dedup_k']} nearest; {len(s['clusters'])}-level k-means "
+            f"{s['dedup_threshold']} to one of the {s['dedup_k']} nearest ({s['dedup_rule']} groups); copies of "
+            f"the excluded sets: cosine > {s['exclude_threshold']} to one of their images; {len(s['clusters'])}-level k-means "
             f"{s['clusters']}; retrieval {s['rule']}; {s['index']} index.")
     stages = [("pool", p["images"]), ("embedded (readable)", p["embedded"]),
               (f"near-duplicates removed ({p['duplicate_groups']} groups)", p["duplicates_removed"]),

@@ -84,9 +84,9 @@ def search(index, x: Rows, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Duplicates:
-    """Near-duplicate groups of a pool: ``group[i]`` is the representative (smallest index) of item i's
-    group, ``similarity[i]`` the similarity of the closest other member (-inf when none is above the
-    threshold); an item is removed when ``group[i] != i``."""
+    """Near-duplicate groups of a pool: ``group[i]`` is the kept item that item i duplicates (i itself when
+    it is kept), ``similarity[i]`` the similarity that linked it (-inf when nothing did); an item is
+    removed when ``group[i] != i``."""
 
     group: np.ndarray
     similarity: np.ndarray
@@ -99,29 +99,51 @@ class Duplicates:
     def n_groups(self) -> int:
         """Groups of two or more items."""
         g = self.group[self.removed]
-        return len(np.unique(g))
+        return int(len(np.unique(g)))
 
 
-def duplicate_groups(x: Rows, threshold: float, k: int = 8, index=None) -> Duplicates:
-    """Connected components of the graph linking each item to those of its ``k`` nearest neighbours with
-    cosine similarity above ``threshold``; one item (the first) is kept per component."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+def _edges(x: Rows, threshold: float, k: int, index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (lo < hi) among each item's ``k`` nearest neighbours with similarity above ``threshold``."""
     n = x.shape[0]
     index = index if index is not None else build_index(x)
     sims, ids = search(index, x, min(k + 1, n))
     src = np.repeat(np.arange(n), sims.shape[1])
     dst, val = ids.reshape(-1), sims.reshape(-1)
-    keep = (val > threshold) & (dst != src) & (dst >= 0)
-    src, dst = src[keep], dst[keep]
-    best = np.full(n, -np.inf, np.float32)
-    np.maximum.at(best, src, val[keep])
-    np.maximum.at(best, dst, val[keep])
-    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    first = np.full(label.max() + 1, n, np.int64)
-    np.minimum.at(first, label, np.arange(n))
-    return Duplicates(first[label], best)
+    ok = (val > threshold) & (dst != src) & (dst >= 0)
+    lo, hi, val = np.minimum(src[ok], dst[ok]), np.maximum(src[ok], dst[ok]), val[ok]
+    order = np.lexsort((-val, hi, lo))
+    lo, hi, val = lo[order], hi[order], val[order]
+    first = np.ones(len(lo), bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[first], hi[first], val[first]
+
+
+def duplicate_groups(x: Rows, threshold: float, k: int = 8, index=None, rule: str = "greedy") -> Duplicates:
+    """Near-duplicates: item pairs among each item's ``k`` nearest neighbours with cosine above ``threshold``.
+
+    ``greedy``: in pool order, each kept item removes the later items linked to it (an item removed this way
+    removes nothing, so a chain a~b~c with a and c apart keeps a and c). ``components``: the connected
+    components of the links, the first item of each kept (transitive: with a weak descriptor, chains can
+    join most of a pool into one group)."""
+    n = x.shape[0]
+    lo, hi, val = _edges(x, threshold, k, index)
+    if rule == "components":
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+        best = np.full(n, -np.inf, np.float32)
+        np.maximum.at(best, lo, val)
+        np.maximum.at(best, hi, val)
+        _, label = connected_components(coo_matrix((np.ones(len(lo), np.int8), (lo, hi)), shape=(n, n)), directed=False)
+        first = np.full(label.max() + 1, n, np.int64)
+        np.minimum.at(first, label, np.arange(n))
+        return Duplicates(first[label], best)
+    if rule != "greedy":
+        raise ValueError(f"dedup rule {rule!r}: greedy or components")
+    group, sim = np.arange(n), np.full(n, -np.inf, np.float32)
+    for a, b, v in zip(lo.tolist(), hi.tolist(), val.tolist(), strict=True):  # sorted by lo, best link first
+        if group[a] == a and group[b] == b:
+            group[b], sim[b] = a, v
+    return Duplicates(group, sim)
 
 
 def nearest(x: Rows, ref: Rows) -> tuple[np.ndarray, np.ndarray]:

@@ -14,20 +14,41 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def test_duplicate_groups_by_hand() -> None:
-    # 0 ~ 3 (cos 0.995), 3 ~ 5 (cos 0.995) -> one chain {0, 3, 5}; 1 and 2 far apart; 4 = exact copy of 2
+    # 0 ~ 3 (cos 0.995), 3 ~ 5 (cos 0.995), 0 and 5 apart (cos 0.98); 1 and 2 far apart; 4 = exact copy of 2
     a, b, c = np.eye(3, dtype=np.float32)
     near = lambda v, w, t: np.cos(t) * v + np.sin(t) * w  # noqa: E731 - angle t from v towards w
     x = unit(np.stack([a, b, c, near(a, b, 0.1), c, near(a, b, 0.2)]))
-    d = S.duplicate_groups(x, threshold=0.99, k=3)
-    assert d.group.tolist() == [0, 1, 2, 0, 2, 0]  # the first member of each group is kept
+    # transitive: one chain {0, 3, 5}, its first member kept
+    d = S.duplicate_groups(x, threshold=0.99, k=3, rule="components")
+    assert d.group.tolist() == [0, 1, 2, 0, 2, 0]
     assert d.removed.tolist() == [False, False, False, True, True, True]
     assert d.n_groups == 2
+    # greedy: 3 goes with 0; 5 duplicates only the removed 3, so it stays
+    d = S.duplicate_groups(x, threshold=0.99, k=3)
+    assert d.group.tolist() == [0, 1, 2, 0, 2, 5]
     assert d.similarity[4] == pytest.approx(1.0, abs=1e-6)
     assert d.similarity[3] == pytest.approx(np.cos(0.1), abs=1e-5)
-    assert d.similarity[1] == -np.inf  # no neighbour above the threshold
+    assert d.similarity[1] == -np.inf and d.similarity[5] == -np.inf  # nothing removed them
     # a stricter threshold breaks the chain's links (cos 0.1 rad = 0.995 < 0.999) but keeps the exact copy
-    d = S.duplicate_groups(x, threshold=0.999, k=3)
-    assert d.removed.tolist() == [False, False, False, False, True, False]
+    for rule in ("greedy", "components"):
+        d = S.duplicate_groups(x, threshold=0.999, k=3, rule=rule)
+        assert d.removed.tolist() == [False, False, False, False, True, False]
+
+
+def test_greedy_duplicates_match_a_brute_force_pass() -> None:
+    rng = np.random.default_rng(4)
+    x = unit(np.repeat(rng.normal(size=(40, 6)), 3, axis=0) + 0.15 * rng.normal(size=(120, 6)))
+    d = S.duplicate_groups(x, threshold=0.97, k=119)  # every pair is examined
+    sims = x @ x.T
+    keep: list[int] = []
+    want = np.arange(120)
+    for i in range(120):  # in order: an item is removed when it is close to an item kept before it
+        close = [j for j in keep if sims[i, j] > 0.97]
+        if close:
+            want[i] = close[0]
+        else:
+            keep.append(i)
+    assert d.removed.sum() > 10 and np.array_equal(d.removed, want != np.arange(120))
 
 
 def test_ivf_index_finds_what_the_flat_index_finds() -> None:
