@@ -124,6 +124,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one was created."""
+    """Destroy the process group if one was created, after a barrier: a rank that tears gloo down while
+    another still talks to it can abort at exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer is already gone: tear down anyway
+                pass
         dist.destroy_process_group()

@@ -170,7 +170,8 @@ def curate(opt: CurateOptions) -> dict:
     times["dedup"] = time.time() - t0
     kept = np.flatnonzero(~removed_dup & ~ex_hit)
     if not len(kept):
-        raise ValueError("every pool image was removed as a duplicate; raise --dedup-threshold")
+        raise ValueError(f"every pool image was removed ({int(ex_hit.sum())} as copies of --exclude images, "
+                         f"{int(removed_dup.sum())} as near-duplicates): raise --exclude-threshold / --dedup-threshold")
 
     t0 = time.time()
     view = S.Subset(pool.x, kept)

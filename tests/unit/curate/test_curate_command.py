@@ -142,3 +142,16 @@ def test_bad_arguments_are_named_before_any_work(pool: dict, tmp_path: Path) -> 
                               timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr
         assert not (tmp_path / "o" / "cache").exists()
+
+
+def test_exclusion_has_its_own_threshold(pool: dict, tmp_path: Path) -> None:
+    from fovea.curate.run import CurateOptions, curate
+    base = dict(pool=[pool["a"], pool["b"]], queries=pool["q"], model=str(pool["root"] / "model"), exclude=[pool["e"]],
+                dedup_threshold=0.99999, clusters=[2], per_query=1, cache=str(pool["out"] / "cache"), progress=False)
+    strict = curate(CurateOptions(out=str(tmp_path / "strict"), **base))
+    assert strict["pool"]["excluded"] == 3 and strict["exclude_threshold"] == 0.99999
+    # a threshold near 0 calls every pool image a copy of some evaluation image, whatever the dedup threshold
+    with pytest.raises(ValueError, match=r"38 as copies of --exclude images, 0 as near-duplicates"):
+        curate(CurateOptions(out=str(tmp_path / "loose"), exclude_threshold=1e-6, **base))
+    with pytest.raises(ValueError, match="--exclude-threshold"):
+        curate(CurateOptions(out=str(tmp_path / "bad"), exclude_threshold=1.5, **base))
