@@ -193,6 +193,7 @@ class TrainConfig:
     seed: int = 0  # seed of weights, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    accumulate: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation): global batch = batch x ranks x accumulate
     checkpoint_every_steps: int | None = field(default=None, metadata={"auto": True})  # null = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt
     log_every_steps: int = 10  # scalars to metrics.jsonl / TensorBoard every N steps

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR"
 
@@ -16,6 +17,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
                         size=args.size, batch_size=args.batch_size, workers=args.workers, device=args.device,
                         cache=args.cache, seed=args.seed, which=args.which, progress=not args.json)
     s = curate(opt)
+    for w in s.get("warnings", []):
+        print(f"[fovea] warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(s))
         return 0

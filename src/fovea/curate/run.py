@@ -199,6 +199,11 @@ def curate(opt: CurateOptions) -> dict:
                        size)
     _cluster_png(out / "clusters.png", pool, rows, assign[0][got.items], size, opt.png_clusters,
                  opt.samples_per_cluster, opt.seed)
+    share = (removed_dup.sum() + ex_hit.sum()) / max(n, 1)
+    summary["warnings"] = [] if share <= 0.5 else [
+        f"{share:.0%} of the pool was removed as near-duplicates or copies of excluded images: the thresholds may "
+        f"be too low for this embedding (--dedup-threshold {opt.dedup_threshold}, --exclude-threshold {ex_threshold}; "
+        "the similarities are in removed.parquet)"]
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report_md(summary))
     if pool.x is not parts[0].x:
@@ -293,6 +298,7 @@ def _summary(opt: CurateOptions, pool: Pool, query: Embedded, excl: list[Embedde
 
 def _report_md(s: dict) -> str:
     p, q, c, sim = s["pool"], s["queries"], s["cluster_sizes"], s["similarity"]
+    warn = [f"**Warning**: {w}" for w in s.get("warnings", [])]
     head = (f"Model `{s['model']}` ({s['feature']} at {s['size']} px); near-duplicates: cosine > "
             f"{s['dedup_threshold']} to one of the {s['dedup_k']} nearest ({s['dedup_rule']} groups); copies of "
             f"the excluded sets: cosine > {s['exclude_threshold']} to one of their images; {len(s['clusters'])}-level k-means "
@@ -301,7 +307,8 @@ def _report_md(s: dict) -> str:
               (f"near-duplicates removed ({p['duplicate_groups']} groups)", p["duplicates_removed"]),
               ("copies of excluded sets removed", p["excluded"]), ("kept for clustering", p["kept"]),
               ("retrieved (manifest.parquet)", s["retrieved"])]
-    lines = [f"# fovea curate: {s['retrieved']} images", "", head, "", "| stage | images |", "|---|---|"]
+    lines = [f"# fovea curate: {s['retrieved']} images", "", head, "", *warn, *([""] if warn else []),
+             "| stage | images |", "|---|---|"]
     lines += [f"| {name} | {v} |" for name, v in stages]
     lines += ["", "| pool source | images | unreadable | duplicates | excluded | kept | retrieved |",
               "|---|---|---|---|---|---|---|"]

@@ -19,7 +19,10 @@ class DINOLoss(nn.Module):
     the teacher T global crops, each a block of B rows in the same image order. Averages
     H(P_t(i), P_s(j)) over all pairs (i, j) with i != j (same crop index = same view), i.e.
     T*S - T pairs (2*(2+L) - 2 for DINO). The centre is an EMA of the teacher's batch mean
-    (over all ranks), updated by :meth:`update_center` after the loss (used from the next step).
+    (over all ranks), updated by :meth:`update_center` after the loss (used from the next step). With
+    gradient accumulation the micro-batches' teacher outputs are added up by :meth:`add_to_center` and
+    the EMA is applied once per optimizer step by :meth:`apply_center`, so that the centre moves as it
+    would with the whole batch at once.
     """
 
     center: Tensor
@@ -29,6 +32,7 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: tuple[Tensor, Tensor] | None = None  # (sum of teacher rows, count) since the last update
 
     def teacher_probs(self, teacher: Tensor, teacher_temp: float) -> Tensor:
         """softmax((t - c) / tau_t) in float32, [T*B, K]."""
@@ -40,8 +44,23 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
         """c <- m c + (1 - m) mean(teacher) over this batch on all ranks (no change if no rows anywhere)."""
-        s = teacher.float().sum(0, keepdim=True)
+        self.add_to_center(teacher)
+        self.apply_center()
+
+    @torch.no_grad()
+    def add_to_center(self, teacher: Tensor) -> None:
+        """Add this (micro-)batch's teacher rows to the pending centre update."""
+        s = teacher.detach().float().sum(0, keepdim=True)
         n = torch.tensor([teacher.shape[0]], dtype=torch.float32, device=teacher.device)
+        self._pending = (s, n) if self._pending is None else (self._pending[0] + s, self._pending[1] + n)
+
+    @torch.no_grad()
+    def apply_center(self) -> None:
+        """c <- m c + (1 - m) mean of the pending rows over all ranks; a rank with none pending takes part
+        with zeros (every rank calls this once per step)."""
+        s, n = self._pending if self._pending is not None else (torch.zeros_like(self.center),
+                                                                torch.zeros(1, device=self.center.device))
+        self._pending = None
         if is_dist():
             dist.all_reduce(s)
             dist.all_reduce(n)

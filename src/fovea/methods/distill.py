@@ -248,6 +248,9 @@ class Distill(Method):
     @torch.no_grad()
     def after_step(self, sv: StepValues) -> None:
         ema_update(self.teacher.backbone, self.student.backbone, sv.sched["momentum"])
+        for term in self.terms.values():
+            assert isinstance(term, Term)
+            term.after_step(self.frozen.backbone, sv)
 
     def eval_backbone(self) -> VisionTransformer:
         return self.teacher.backbone

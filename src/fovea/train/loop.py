@@ -25,7 +25,7 @@ from fovea.eval.knn import evaluate_knn
 from fovea.hub.backbone import export_backbone
 from fovea.methods.registry import spec_for
 from fovea.train.init_from import load_init, resolve_init_model
-from fovea.train.plan import make_plan, resolve_auto
+from fovea.train.plan import make_plan, resolve_auto, step_batch
 from fovea.train.runfolder import RunLock, load_resume_checkpoint, open_run_sources, trajectory_diff
 from fovea.train.signals import RunInterrupted, StopRequest
 from fovea.train.step import NonFiniteLoss, Stepper, build_stepper
@@ -218,7 +218,10 @@ class Trainer:
             print(f"[fovea] run folder: {self.out.resolve()}\n[fovea] data: {self.source.name} "
                   f"({len(self.source)} images), {plan.steps_per_epoch} steps/epoch x "
                   f"{plan.total_steps / plan.steps_per_epoch:.2f} epochs = {plan.total_steps} steps, global batch "
-                  f"{c.data.batch_size * self.info.world}, device {self.device}, ranks {self.info.world}", flush=True)
+                  f"{step_batch(c) * self.info.world}"
+                  + (f" ({c.data.batch_size} x {self.info.world} ranks x {c.train.accumulate} accumulated)"
+                     if c.train.accumulate > 1 else "")
+                  + f", device {self.device}, ranks {self.info.world}", flush=True)
         if self.step == 0 and c.eval.at_start and "start" not in self.results["knn"] and not self.stop.signum:
             self.knn("start")
         self.method.train()
@@ -231,7 +234,7 @@ class Trainer:
             if phase != self.phase:
                 self.phase = phase
                 self.dataset, self.collate = self.spec.train_data(c, self.source, phase)
-            loader = make_train_loader(self.dataset, c.data.batch_size, self.info.rank, self.info.world,
+            loader = make_train_loader(self.dataset, step_batch(c), self.info.rank, self.info.world,
                                        c.train.seed, epoch, pos, c.data.num_workers,
                                        pin_memory=self.device.type == "cuda", collate_fn=self.collate)
             stopped = self._stop_requested()
@@ -242,7 +245,7 @@ class Trainer:
                 sv = self.stepper.values(self.step)
                 logs = self.stepper.step(batch, sv, self._step_context)
                 self.step += 1
-                n_imgs += c.data.batch_size * self.info.world
+                n_imgs += step_batch(c) * self.info.world
                 bar.update(1)
                 if self.step % c.train.log_every_steps == 0 or self.step == plan.total_steps:
                     logs = all_reduce_mean(logs, self.info)

@@ -10,21 +10,29 @@ from fovea.methods.registry import spec_for
 from fovea.methods.spec import Schedule
 from fovea.train.optim import scaled_lr
 
-__all__ = ["Plan", "make_plan", "resolve_auto", "step_values"]
+__all__ = ["Plan", "make_plan", "resolve_auto", "step_batch", "step_values"]
+
+
+def step_batch(cfg: RunConfig) -> int:
+    """Images per rank and optimizer step: ``data.batch_size`` x ``train.accumulate`` (the loader's batch, cut
+    into ``train.accumulate`` micro-batches by the stepper)."""
+    return cfg.data.batch_size * cfg.train.accumulate
 
 
 def make_plan(cfg: RunConfig, n_images: int, world: int) -> Plan:
     """Turn epoch-based durations into step counts for this data set and world size."""
-    spe = EpochBatchSampler.steps_per_epoch(n_images, cfg.data.batch_size, world)
+    per_rank = step_batch(cfg)
+    spe = EpochBatchSampler.steps_per_epoch(n_images, per_rank, world)
     if spe == 0:
         raise ValueError(f"data set has {n_images} images, fewer than one global batch "
-                         f"({cfg.data.batch_size} x {world} ranks); lower data.batch_size")
+                         f"({cfg.data.batch_size} x {world} ranks x {cfg.train.accumulate} accumulated); lower "
+                         "data.batch_size or train.accumulate")
     o = cfg.optim
     unit = o.epoch_length or spe  # steps per schedule "epoch" (DINOv2 counts 1250-step epochs)
     total = o.max_steps or max(1, round(o.epochs * unit))
     ep = lambda e: int(round(e * unit))  # noqa: E731
     return Plan(spe, total, min(ep(o.warmup_epochs), total), cfg.train.checkpoint_every_steps or spe,
-                cfg.eval.every_steps or ep(cfg.eval.every_epochs), scaled_lr(o, cfg.data.batch_size * world), unit)
+                cfg.eval.every_steps or ep(cfg.eval.every_epochs), scaled_lr(o, per_rank * world), unit)
 
 
 def resolve_auto(cfg: RunConfig, n_images: int, world: int) -> RunConfig:

@@ -2,13 +2,14 @@
 training loop build it with :func:`build_stepper`."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from fovea.config.schema import RunConfig
-from fovea.core.batch import to_device
+from fovea.core.batch import split_batch, to_device
 from fovea.core.distributed import DistInfo, any_rank
 from fovea.core.plan import Plan
 from fovea.methods.base import Method, StepValues
@@ -46,24 +47,32 @@ class Stepper:
         return step_values(self.cfg, self.plan, step, self.sched, heads_only=step < self.head_warmup)
 
     def step(self, batch: dict, sv: StepValues, context: Callable[[], str] | None = None) -> dict[str, float]:
-        """One optimizer step on ``batch``; returns the logged scalars of this rank. ``context()`` ends the
+        """One optimizer step on ``batch`` (cut into ``train.accumulate`` micro-batches whose gradients add
+        up); returns the logged scalars of this rank (means over the micro-batches). ``context()`` ends the
         message of :class:`NonFiniteLoss` (what happened to the checkpoints)."""
-        o = self.cfg.optim
+        o, n = self.cfg.optim, self.cfg.train.accumulate
         apply_hparams(self.optimizer, sv.lr, sv.weight_decay,
                       backbone_scale(sv.step, self.head_warmup, o.backbone_warmup_steps, o.backbone_lr_mult))
-        batch = {k: to_device(v, self.device) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, logs = self.method.training_step(batch, sv)
-        self.check_finite(loss, logs, sv.step, context)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums: dict[str, float] = {}
+        wrapped = self.method.student_fwd
+        ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        for i, micro in enumerate(split_batch(batch, n)):
+            micro = {k: to_device(v, self.device) for k, v in micro.items()}
+            # DDP: all-reduce the gradients once, with the last micro-batch
+            with ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, logs = self.method.training_step(micro, sv)
+                self.check_finite(loss, logs, sv.step, context)
+                (loss / n if n > 1 else loss).backward()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / n
         self.method.after_backward(sv)
         gnorm = clip_gradients(self.params, o.clip_grad, o.clip_mode, self.clip_groups)
         self.optimizer.step()
         self.method.after_step(sv)
-        out = {k: float(v) for k, v in logs.items()}
-        out.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, **sv.sched})
-        return out
+        sums.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, **sv.sched})
+        return sums
 
     def check_finite(self, loss: torch.Tensor, logs: dict, step: int, context: Callable[[], str] | None) -> None:
         """Raise :class:`NonFiniteLoss` naming the step and every non-finite loss term (on every rank when

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from fovea.config.schema import RunConfig
 from fovea.losses.dino import DINOLoss, cross_view_loss
 from fovea.methods.base import StepValues
+from fovea.models.vit import VisionTransformer
 from fovea.methods.terms.base import Outputs, Parts, StepInput, Term, teacher_targets
 
 
@@ -60,5 +61,11 @@ class DINOTerm(Term):
             if m == last:  # collapse diagnostics of the full-width level
                 logs.update(collapse_stats(p_t.detach()))
             if d.centering == "ema":
-                fn.update_center(t_l)  # after the loss: the centre is used from the next step
+                fn.add_to_center(t_l)  # applied after the optimizer step: used from the next step
         return loss, logs
+
+    def after_step(self, teacher_backbone: VisionTransformer, sv: StepValues) -> None:
+        """The EMA centres take the step's teacher outputs (all micro-batches, all ranks)."""
+        if self.cfg.dino.centering == "ema":
+            for fn in self.losses:
+                fn.apply_center()

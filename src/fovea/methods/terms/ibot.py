@@ -11,6 +11,7 @@ from fovea.config.schema import RunConfig
 from fovea.losses.dino import DINOLoss
 from fovea.losses.ibot import ibot_patch_loss, masked_patch_weights
 from fovea.methods.base import StepValues
+from fovea.models.vit import VisionTransformer
 from fovea.methods.terms.base import Outputs, Parts, StepInput, Term, teacher_targets
 
 
@@ -56,6 +57,12 @@ class IBOTTerm(Term):
             if multi:
                 logs[f"loss/ibot@{self.widths[m]}"] = l_m.detach()
             if self.centering == "ema":
-                fn.update_center(t_l)
+                fn.add_to_center(t_l)  # applied after the optimizer step: used from the next step
         logs["masked_fraction"] = masks.float().mean()
         return loss, logs
+
+    def after_step(self, teacher_backbone: VisionTransformer, sv: StepValues) -> None:
+        """The EMA centres take the step's teacher outputs (all micro-batches, all ranks)."""
+        if self.centering == "ema":
+            for fn in self.losses:
+                fn.apply_center()
