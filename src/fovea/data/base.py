@@ -17,7 +17,7 @@ class SourceConfig:
     """Which images to read. ``limit > 0`` keeps a fixed random subset (seeded by ``seed``)."""
 
     kind: SourceKind = "fmnist"  # fmnist | parquet | folder | manifest (the output of `fovea curate`)
-    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file; folder: dir; manifest: curate folder or its manifest.parquet
+    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file, directory of *.parquet shards or glob; folder: dir; manifest: curate folder or its manifest.parquet
     split: str = "train"  # fmnist only: "train" | "test"
     limit: int = 0  # > 0: a fixed random subset of this many images
     seed: int = 0  # seed of the `limit` subset

@@ -25,7 +25,7 @@ from fovea.data.fmnist import (  # noqa: F401 - re-exported
 )
 
 __all__ = ["FMNIST_CLASSES", "FMNIST_DEFAULT_DIRS", "FMNIST_URL", "SourceConfig", "default_data_root", "resolve_data_path", "ImageSource", "FashionMNISTSource", "ParquetSource", "FolderSource",
-           "SubsetSource", "build_source", "fetch_with_replacement", "probe_source",
+           "SubsetSource", "ConcatSource", "parquet_shards", "build_source", "fetch_with_replacement", "probe_source",
            "find_fmnist_dir", "download_fmnist", "verify_fmnist_file", "FMNIST_CHECKSUMS"]
 
 # ------------------------------------------------------------------------------- parquet
@@ -77,6 +77,10 @@ class ParquetSource(ImageSource):
         state = dict(self.__dict__)
         state.update(_pf=None, _pid=-1, _cache=OrderedDict())  # reopened lazily in the worker
         return state
+
+    def release(self) -> None:
+        """Drop the open file and the cached row groups (reopened on the next read)."""
+        self._pf, self._pid, self._cache = None, -1, OrderedDict()
 
     def _group(self, g: int) -> list[Any]:
         """Encoded images of row group ``g``: list of bytes or path strings (None if neither)."""
@@ -198,6 +202,65 @@ class SubsetSource(ImageSource):
         return self.base.load(int(self.indices[self._check_index(i)]))
 
 
+class ConcatSource(ImageSource):
+    """Several sources one after the other (the shards of a data set): item ``i`` is item ``i - start[k]`` of
+    part ``k``. ``paths`` are the parts' own when every part has them."""
+
+    def __init__(self, parts: list[ImageSource], name: str) -> None:
+        if not parts:
+            raise ValueError(f"{name}: no parts")
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.labels = np.concatenate([p.labels for p in parts])
+        self.class_names = parts[0].class_names
+        self.name = name
+        if all(getattr(p, "paths", None) is not None for p in parts):
+            self.paths = [x for p in parts for x in getattr(p, "paths")]
+
+    #: parts that keep their open file and cached row groups in a process (the least recently read lets go)
+    max_open = 8
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(part, index in that part) of item ``i``."""
+        i = self._check_index(i)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return k, i - int(self.starts[k])
+
+    def load(self, i: int) -> np.ndarray | None:
+        k, j = self.locate(i)
+        recent: OrderedDict[int, None] = self.__dict__.setdefault("_recent", OrderedDict())
+        recent[k] = None
+        recent.move_to_end(k)
+        while len(recent) > self.max_open:
+            old, _ = recent.popitem(last=False)
+            release = getattr(self.parts[old], "release", None)
+            if release is not None:
+                release()
+        return self.parts[k].load(j)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_recent", None)
+        return state
+
+
+def parquet_shards(path: str) -> list[str]:
+    """The parquet files a ``parquet`` path names: one file, every ``*.parquet`` of a directory (sorted), or
+    the files of a glob pattern (``shards/train-*.parquet``, sorted)."""
+    import glob
+    if os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"parquet directory {path!r} holds no *.parquet file")
+        return files
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+        if not files:
+            raise FileNotFoundError(f"parquet pattern {path!r} matches no file")
+        return files
+    return [path]
+
+
 def default_data_root() -> str:
     """``$FOVEA_DATA``, else ``../shared/data`` beside the fovea checkout (when it exists), else ``data``."""
     env = os.environ.get("FOVEA_DATA")
@@ -232,8 +295,10 @@ def build_source(cfg: SourceConfig) -> ImageSource:
         src = FashionMNISTSource(cfg.path, cfg.split)
     elif kind == "parquet":
         if not cfg.path:
-            raise ValueError("source kind 'parquet' needs path=<file.parquet>")
-        src = ParquetSource(cfg.path)
+            raise ValueError("source kind 'parquet' needs path=<file.parquet, a directory of them or a glob>")
+        files = parquet_shards(cfg.path)
+        src = ParquetSource(files[0]) if len(files) == 1 and files[0] == cfg.path else \
+            ConcatSource([ParquetSource(f) for f in files], f"parquet:{cfg.path} ({len(files)} files)")
     elif kind == "folder":
         if not cfg.path:
             raise ValueError("source kind 'folder' needs path=<directory>")

@@ -372,6 +372,31 @@ def _child_load(src: ParquetSource, q: "mp.Queue[object]") -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method only tested on Linux")
+def test_parquet_shards_by_directory_and_glob(tmp_path: Path) -> None:
+    d = tmp_path / "shards"
+    d.mkdir()
+    for k in range(3):  # shard k holds images 10k .. 10k + 3 (values tell them apart)
+        _hf_parquet(d / f"train-{k:05d}.parquet", [_solid_png(10 * k + j) for j in range(4)], [k] * 4, ["a", "b", "c"])
+    (d / "notes.txt").write_text("not a shard")
+    for path in (str(d), str(d / "train-*.parquet"), str(d / "train-0000[0-2].parquet")):
+        src = build_source(SourceConfig(kind="parquet", path=path))
+        assert len(src) == 12 and src.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        assert src.class_names == ["a", "b", "c"] and "3 files" in src.name
+        assert [int(src.load(i)[0, 0, 0]) for i in (0, 5, 11)] == [0, 11, 23]
+    src.max_open = 1  # one shard open at a time: reading another releases the last one's file and cache
+    src.load(0)
+    src.load(4)
+    assert src.parts[0]._pf is None and not src.parts[0]._cache and src.parts[1]._pf is not None
+    clone = pickle.loads(pickle.dumps(src))
+    assert int(clone.load(9)[0, 0, 0]) == 21
+    sub = build_source(SourceConfig(kind="parquet", path=str(d), limit=5, seed=0))
+    assert len(sub) == 5
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        build_source(SourceConfig(kind="parquet", path=str(d / "val-*.parquet")))
+    with pytest.raises(FileNotFoundError, match="no \\*.parquet"):
+        build_source(SourceConfig(kind="parquet", path=str(tmp_path)))
+
+
 def test_parquet_in_forked_worker(tmp_path: Path) -> None:
     p = tmp_path / "t.parquet"
     _hf_parquet(p, [_solid_png(7), _solid_png(9)], [0, 1], ["a", "b"])
