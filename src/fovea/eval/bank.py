@@ -111,12 +111,57 @@ def forward_bank(backbone: VisionTransformer, x: Tensor, n_last: int) -> tuple[T
     return torch.cat(cls, 1), backbone.project_patches(last[:, np_:]).mean(1), last[:, c:np_]
 
 
+def _sharded() -> tuple[int, int]:
+    """(rank, world) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def extract_bank(backbone: VisionTransformer, source: ImageSource, size: int, device: torch.device,
                  n_last: int = 4, batch_size: int = 256, num_workers: int = 0,
                  mean: list[float] | tuple = IMAGENET_MEAN, std: list[float] | tuple = IMAGENET_STD,
                  progress: bool = True, desc: str = "features") -> FeatureBank:
     """Run ``backbone`` (eval mode) over ``source`` at ``size`` px; features float32 on CPU."""
+    return _extract(backbone, source, size, device, n_last, batch_size, num_workers, mean, std, progress, desc)
+
+
+@torch.no_grad()
+def extract_bank_sharded(backbone: VisionTransformer, source: ImageSource, size: int, device: torch.device,
+                         n_last: int = 4, batch_size: int = 256, num_workers: int = 0,
+                         mean: list[float] | tuple = IMAGENET_MEAN, std: list[float] | tuple = IMAGENET_STD,
+                         progress: bool = True, desc: str = "features") -> FeatureBank | None:
+    """:func:`extract_bank` shared by the ranks of the default process group: every rank extracts items
+    ``rank::W`` and rank 0 gathers them back into the source's order and returns the bank; the other ranks
+    return ``None``. Every rank must call it (no rank waits at a barrier while rank 0 extracts alone).
+    Without a process group it is :func:`extract_bank`."""
+    rank, world = _sharded()
+    if world > 1:
+        import numpy as np
+        import torch.distributed as dist
+
+        from fovea.data.sources import SubsetSource
+        mine = np.arange(rank, len(source), world)
+        part = _extract(backbone, SubsetSource(source, mine, f"rank {rank} of {world}"), size, device, n_last,
+                        batch_size, num_workers, mean, std, progress and rank == 0, desc)
+        got: list = [None] * world if rank == 0 else []
+        dist.gather_object(part.state(), got if rank == 0 else None, dst=0)
+        if rank != 0:
+            return None
+        banks = [FeatureBank(**g) for g in got]
+        order = torch.from_numpy(np.argsort(np.concatenate([np.arange(r, len(source), world) for r in range(world)]),
+                                            kind="stable"))
+        cat = lambda name: torch.cat([getattr(b, name) for b in banks])[order]  # noqa: E731
+        return FeatureBank(cat("cls"), cat("mean_patch"), cat("registers"), cat("labels"), banks[0].has_cls,
+                           sum(b.skipped for b in banks))
+    return extract_bank(backbone, source, size, device, n_last, batch_size, num_workers, mean, std, progress, desc)
+
+
+def _extract(backbone: VisionTransformer, source: ImageSource, size: int, device: torch.device, n_last: int,
+             batch_size: int, num_workers: int, mean: list[float] | tuple, std: list[float] | tuple,
+             progress: bool, desc: str) -> FeatureBank:
     was_training = backbone.training
     backbone.eval()
     n_last = max(1, min(n_last, backbone.depth))

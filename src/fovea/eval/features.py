@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fovea.data.sources import ImageSource
-from fovea.eval.bank import extract_bank
+from fovea.eval.bank import extract_bank, extract_bank_sharded
 from fovea.models.vit import VisionTransformer
 
 FEATURE_KINDS = ("cls", "mean_patch", "both")
@@ -34,6 +34,23 @@ def extract_features(backbone: VisionTransformer, source: ImageSource, size: int
     Returns ({kind: features [N, D_kind] float32 on CPU} for the kinds of
     :meth:`~fovea.eval.bank.FeatureBank.get`, labels [N], number of skipped items).
     """
-    n_last = 4 if any(k.startswith("cls_last4") for k in kinds) else 1
-    bank = extract_bank(backbone, source, size, device, n_last, batch_size, num_workers, mean, std, progress, desc)
+    bank = extract_bank(backbone, source, size, device, _n_last(kinds), batch_size, num_workers, mean, std,
+                        progress, desc)
     return {k: bank.get(k) for k in kinds}, bank.labels, bank.skipped
+
+
+@torch.no_grad()
+def extract_features_sharded(backbone: VisionTransformer, source: ImageSource, size: int, kinds: list[str],
+                             device: torch.device, batch_size: int = 256, num_workers: int = 2,
+                             mean: list[float] | tuple = IMAGENET_MEAN, std: list[float] | tuple = IMAGENET_STD,
+                             progress: bool = True, desc: str = "features"
+                             ) -> tuple[dict[str, Tensor], Tensor, int] | None:
+    """:func:`extract_features` shared by the ranks (:func:`~fovea.eval.bank.extract_bank_sharded`): the
+    features on rank 0, ``None`` on the others."""
+    bank = extract_bank_sharded(backbone, source, size, device, _n_last(kinds), batch_size, num_workers, mean,
+                                std, progress, desc)
+    return None if bank is None else ({k: bank.get(k) for k in kinds}, bank.labels, bank.skipped)
+
+
+def _n_last(kinds: list[str]) -> int:
+    return 4 if any(k.startswith("cls_last4") for k in kinds) else 1

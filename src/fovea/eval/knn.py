@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fovea.eval.features import available_kinds, extract_features
+from fovea.eval.features import available_kinds, extract_features, extract_features_sharded
 
 
 def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, ks: list[int],
@@ -96,12 +96,35 @@ def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature
     Returns {"features": {kind or kind@w: {"k=20": acc, ...}}, "n_train", "n_test", "skipped"}. For a
     backbone without CLS token, ``cls`` / ``both`` are evaluated as ``mean_patch`` (and reported so).
     """
+    res = _evaluate(False, backbone, train_source, test_source, ks, temperature, kinds, size, device, batch_size,
+                    num_workers, mean, std, progress, widths)
+    assert res is not None
+    return res
+
+
+def evaluate_knn_sharded(backbone, train_source, test_source, ks: list[int], temperature: float, kinds: list[str],
+                         size: int, device: torch.device, batch_size: int = 256, num_workers: int = 2,
+                         mean=None, std=None, progress: bool = True, widths: list[int] | None = None) -> dict | None:
+    """:func:`evaluate_knn` shared by the ranks of the process group: every rank extracts its share of both
+    splits (:func:`~fovea.eval.features.extract_features_sharded`) and rank 0 votes and returns the results;
+    the other ranks return ``None``. Every rank must call it."""
+    return _evaluate(True, backbone, train_source, test_source, ks, temperature, kinds, size, device, batch_size,
+                     num_workers, mean, std, progress, widths)
+
+
+def _evaluate(sharded: bool, backbone, train_source, test_source, ks: list[int], temperature: float,
+              kinds: list[str], size: int, device: torch.device, batch_size: int, num_workers: int, mean, std,
+              progress: bool, widths: list[int] | None) -> dict | None:
     kinds = available_kinds(backbone, kinds)
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
-    ftr, ytr, s1 = extract_features(backbone, train_source, size, kinds, device, batch_size, num_workers,
-                                    mean, std, progress, "k-NN train features")
-    fte, yte, s2 = extract_features(backbone, test_source, size, kinds, device, batch_size, num_workers,
-                                    mean, std, progress, "k-NN test features")
+    extract = extract_features_sharded if sharded else extract_features
+    tr = extract(backbone, train_source, size, kinds, device, batch_size, num_workers, mean, std, progress,
+                 "k-NN train features")
+    te = extract(backbone, test_source, size, kinds, device, batch_size, num_workers, mean, std, progress,
+                 "k-NN test features")
+    if tr is None or te is None:
+        return None
+    (ftr, ytr, s1), (fte, yte, s2) = tr, te
     res = {kind: {f"k={k}": acc for k, acc in knn_accuracy(ftr[kind], ytr, fte[kind], yte, ks, temperature).items()}
            for kind in kinds}
     dim = backbone.embed_dim

@@ -21,7 +21,7 @@ from fovea.core.checkpoint import load_checkpoint, rng_state, save_atomic, set_r
 from fovea.core.distributed import all_reduce_mean, barrier, cleanup, init_distributed, main_decides
 from fovea.core.logging import MetricLogger
 from fovea.data.loader import make_train_loader, stop_signals_blocked
-from fovea.eval.knn import evaluate_knn
+from fovea.eval.knn import evaluate_knn_sharded
 from fovea.hub.backbone import export_backbone
 from fovea.methods.registry import spec_for
 from fovea.train.init_from import load_init, resolve_init_model
@@ -151,19 +151,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def knn(self, tag: str) -> dict | None:
-        """k-NN of the evaluation backbone on the configured labelled splits (main rank)."""
+        """k-NN of the evaluation backbone on the configured labelled splits: every rank extracts its share of
+        the features, rank 0 votes, logs and returns the results (None on the other ranks)."""
         c = self.cfg
         if c.data.eval_train is None or c.data.eval_test is None:
             return None
-        res = None
-        if self.info.is_main:
-            t0 = time.time()
-            kinds = list(dict.fromkeys([c.eval.knn.features, *c.eval.knn.report]))
-            res = evaluate_knn(self.method.eval_backbone(), self.sources["data.eval_train"],
-                               self.sources["data.eval_test"], c.eval.knn.ks, c.eval.knn.temperature, kinds,
-                               c.data.eval_size or c.crops.global_size, self.device, c.eval.batch_size,
-                               min(c.data.num_workers, 2), c.crops.mean, c.crops.std, c.train.progress,
-                               c.eval.knn.widths)
+        t0 = time.time()
+        kinds = list(dict.fromkeys([c.eval.knn.features, *c.eval.knn.report]))
+        res = evaluate_knn_sharded(self.method.eval_backbone(), self.sources["data.eval_train"],
+                                   self.sources["data.eval_test"], c.eval.knn.ks, c.eval.knn.temperature, kinds,
+                                   c.data.eval_size or c.crops.global_size, self.device, c.eval.batch_size,
+                                   min(c.data.num_workers, 2), c.crops.mean, c.crops.std,
+                                   c.train.progress and self.info.is_main, c.eval.knn.widths)
+        if res is not None and self.info.is_main:
             res["seconds"] = round(time.time() - t0, 1)
             res["step"] = self.step
             self.results["knn"][tag] = res
@@ -222,7 +222,8 @@ class Trainer:
                   + (f" ({c.data.batch_size} x {self.info.world} ranks x {c.train.accumulate} accumulated)"
                      if c.train.accumulate > 1 else "")
                   + f", device {self.device}, ranks {self.info.world}", flush=True)
-        if self.step == 0 and c.eval.at_start and "start" not in self.results["knn"] and not self.stop.signum:
+        if main_decides(self.info, lambda: self.step == 0 and c.eval.at_start and "start" not in self.results["knn"]
+                        and not self.stop.signum):  # decided once for all ranks: each takes part in the k-NN
             self.knn("start")
         self.method.train()
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
