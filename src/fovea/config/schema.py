@@ -192,7 +192,9 @@ class TrainConfig:
 
     seed: int = 0  # seed of weights, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (autocast with a gradient scaler, for GPUs without bf16: V100, T4)
+    activation_checkpointing: bool = False  # recompute each student block's activations in the backward (less memory, ~1/3 more compute)
+    compile: bool = False  # torch.compile each student block (the first steps compile; little gain on CPU)
     accumulate: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation): global batch = batch x ranks x accumulate
     checkpoint_every_steps: int | None = field(default=None, metadata={"auto": True})  # null = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt

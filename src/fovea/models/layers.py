@@ -5,7 +5,7 @@ Parameter names follow the official DINOv2 backbones (see :mod:`fovea.models.vit
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -173,10 +173,22 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
         self.drop_path_rate = drop_path_rate
         self.drop_path_mode = drop_path_mode
+        self.checkpointing = False  # activation checkpointing (train.activation_checkpointing)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, layout: PackedLayout | None = None,
                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x [B, N, D] (or packed [T, D] with ``layout``) -> same shape; ``rope``: see :class:`Attention`."""
+        """x [B, N, D] (or packed [T, D] with ``layout``) -> same shape; ``rope``: see :class:`Attention`.
+
+        With ``checkpointing`` (training, gradients on) the block's activations are recomputed in the
+        backward instead of kept; the random draws of stochastic depth are replayed, so the result and the
+        gradients are the same."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return cast(Tensor, checkpoint(self._forward, x, attn_mask, layout, rope, use_reentrant=False))
+        return self._forward(x, attn_mask, layout, rope)
+
+    def _forward(self, x: Tensor, attn_mask: Tensor | None, layout: PackedLayout | None,
+                 rope: tuple[Tensor, Tensor] | None) -> Tensor:
         x = self._residual(x, lambda t, lay: self.ls1(self.attn(self.norm1(t), attn_mask, lay, rope)), layout,
                            attn_mask is None)
         return self._residual(x, lambda t, lay: self.ls2(self.mlp(self.norm2(t))), layout, True)

@@ -120,6 +120,8 @@ class Trainer:
         ckpt = self.__dict__.pop("_loaded", None) or load_checkpoint(path)
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.stepper.scaler is not None and ckpt.get("scaler"):
+            self.stepper.scaler.load_state_dict(ckpt["scaler"])
         self.step = self.saved_step = int(ckpt["step"])
         self.skipped = int(ckpt.get("skipped", 0))
         self.results = ckpt.get("results", self.results)
@@ -141,7 +143,8 @@ class Trainer:
             return
         state = {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "rng": rng, "skipped": self.skipped, "results": self.results,
-                 "config": to_dict(self.cfg), "world": self.info.world}
+                 "config": to_dict(self.cfg), "world": self.info.world,
+                 "scaler": self.stepper.scaler.state_dict() if self.stepper.scaler is not None else None}
         save_atomic(state, self.ckpt_dir / "last.pt")
         if self.cfg.train.keep_checkpoints > 0 and not final:
             save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")

@@ -38,10 +38,12 @@ class Stepper:
     info: DistInfo
     bf16: bool
     head_warmup: int = 0  # steps of the continued-pretraining head warm-up (fresh heads, frozen backbone)
+    fp16: bool = False  # float16 autocast with a gradient scaler (train.precision=fp16)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.method.student.parameters() if p.requires_grad]
         self.clip_groups = self.method.clip_groups()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.fp16 else None
 
     def values(self, step: int) -> StepValues:
         return step_values(self.cfg, self.plan, step, self.sched, heads_only=step < self.head_warmup)
@@ -61,15 +63,24 @@ class Stepper:
             micro = {k: to_device(v, self.device) for k, v in micro.items()}
             # DDP: all-reduce the gradients once, with the last micro-batch
             with ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext():
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                with torch.autocast(self.device.type, dtype=torch.float16 if self.fp16 else torch.bfloat16,
+                                    enabled=self.bf16 or self.fp16):
                     loss, logs = self.method.training_step(micro, sv)
                 self.check_finite(loss, logs, sv.step, context)
-                (loss / n if n > 1 else loss).backward()
+                scaled = loss / n if n > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / n
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clipping and after_backward see the true gradients
         self.method.after_backward(sv)
         gnorm = clip_gradients(self.params, o.clip_grad, o.clip_mode, self.clip_groups)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            self.scaler.update()
+            sums["amp_scale"] = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         self.method.after_step(sv)
         sums.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, **sv.sched})
         return sums
@@ -100,5 +111,12 @@ def build_stepper(cfg: RunConfig, plan: Plan, device: torch.device, info: DistIn
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         method = spec.build(cfg).to(device)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    from fovea.models.layers import Block
+    blocks = [m for m in method.student.modules() if isinstance(m, Block)]
+    for blk in blocks:
+        blk.checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        for blk in blocks:
+            blk.compile()  # per block: the same compiled code serves every crop size after a recompile or two
     return Stepper(cfg, spec, method, build_optimizer(method.student, cfg.optim), plan, method_schedule(cfg, plan),
-                   device, info or DistInfo(), bf16)
+                   device, info or DistInfo(), bf16, fp16=cfg.train.precision == "fp16")

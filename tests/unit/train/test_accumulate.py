@@ -81,3 +81,43 @@ def test_plan_counts_the_accumulated_batch() -> None:
     assert plan.steps_per_epoch == 50
     one = make_plan(load_config("dino_vittiny_fmnist", ["data.batch_size=128"]), 6400, 1)
     assert plan.peak_lr == pytest.approx(one.peak_lr)  # the lr scales with the global batch
+
+
+# ------------------------------------------------------------------ activation checkpointing, fp16, compile
+
+def _steps(overrides: list[str], steps: int = 2) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+    cfg = resolve_auto(load_config("dino_vittiny_fmnist", overrides), 1024, 1)
+    st = build_stepper(cfg, make_plan(cfg, 1024, 1), torch.device("cpu"))
+    st.method.train()
+    torch.manual_seed(5)  # the stream of stochastic depth
+    out, logs = [], {}
+    for step in range(steps):
+        cfg.train.seed = step
+        logs = st.step(spec_for(cfg.method).synthetic_batch(cfg, torch.device("cpu")), st.values(step))
+        out.append(logs["loss/total"])
+    return out, {k: v.detach().clone() for k, v in st.method.student.state_dict().items()}, logs
+
+
+def test_activation_checkpointing_changes_nothing_but_memory() -> None:
+    base = [*DINO_PLAIN, "data.batch_size=8", "model.drop_path_rate=0.3", "model.drop_path_mode=efficient"]
+    plain = _steps(base)
+    ckpt = _steps(base + ["train.activation_checkpointing=true"])
+    assert plain[0] == ckpt[0]  # the stochastic-depth draws are replayed in the recomputation
+    for k, v in plain[1].items():
+        torch.testing.assert_close(ckpt[1][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_fp16_uses_a_gradient_scaler() -> None:
+    base = [*DINO_PLAIN, "data.batch_size=8"]
+    fp32 = _steps(base)
+    fp16 = _steps(base + ["train.precision=fp16"])
+    assert fp16[2]["amp_scale"] > 0 and all(torch.isfinite(torch.tensor(fp16[0])))
+    assert fp16[0][0] == pytest.approx(fp32[0][0], rel=2e-2)  # float16 forward, same step
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_step() -> None:
+    base = [*DINO_PLAIN, "data.batch_size=8"]
+    eager = _steps(base)
+    compiled = _steps(base + ["train.compile=true"])
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
