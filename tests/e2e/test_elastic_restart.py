@@ -18,8 +18,9 @@ from helpers import base_args, free_port
 def _torchrun(args: list[str], restarts: int, log: Path) -> subprocess.Popen:
     """torchrun in the background, its output to ``log`` (a pipe nobody reads would fill and stall it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           f"--max-restarts={restarts}", "-m", "fovea", "train", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{free_port()}", f"--rdzv_id=test{restarts}", f"--max-restarts={restarts}",
+           "-m", "fovea", "train", *args]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env)
 
 

@@ -115,7 +115,7 @@ def test_failing_final_evaluation_keeps_the_trained_model(images: Path, tmp_path
     def broken(*a: object, **k: object) -> dict:
         raise RuntimeError("evaluation data vanished")
 
-    monkeypatch.setattr(loop, "evaluate_knn", broken)
+    monkeypatch.setattr(loop, "evaluate_knn_sharded", broken)
     t = trainer(images, tmp_path, "optim.max_steps=3", "eval.at_end=true")
     with pytest.raises(RuntimeError, match="vanished"):
         t.fit()

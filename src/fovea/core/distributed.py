@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 import re
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -61,7 +62,18 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0 and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+            # after a torchrun restart the store can still hold the failed round's addresses, which gloo would
+            # try to connect to: keep each round's keys apart
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=not agent and rank == 0, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"fovea/round_{restart}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local, str(device)), device
 
 
