@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from helpers import base_args, free_port
@@ -40,6 +41,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # two 2-rank runs; torchrun restarts (run with -m slow)
 def test_a_killed_rank_restarts_and_ends_on_the_same_weights(folder: Path, tmp_path: Path) -> None:
     steps = ["optim.max_steps=36", "train.checkpoint_every_steps=4", "train.threads=1", "dino.use_bn=false",
              "data.batch_size=4", "optim.epochs=100"]
