@@ -34,6 +34,18 @@ def _batch(b: int = 4, size: int = 16) -> dict:
 SV = StepValues(step=0, epoch=0.0, lr=1e-3, weight_decay=0.0, sched={"momentum": 0.9})
 
 
+def train_steps(m: Distill, batch: dict, sv: StepValues, n: int) -> float:
+    """``n`` AdamW steps of the student on one batch (the EMA follows); the last loss."""
+    opt = torch.optim.AdamW([p for p in m.student.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(n):
+        loss, _ = m.training_step(batch, sv)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.after_step(sv)
+    return float(loss.detach())
+
+
 def test_token_loss_hand_values() -> None:
     s = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # cos = 1 and 0 -> mean(1 - cos) = 0.5
@@ -69,15 +81,8 @@ def test_distill_step_by_hand_and_only_the_student_learns(tmp_path: Path) -> Non
     assert float(loss.detach()) == pytest.approx(want_cls + 0.5 * want_patch, rel=1e-4)
     frozen0 = [p.clone() for p in m.frozen.parameters()]
     ema0 = [p.clone() for p in m.teacher.parameters()]
-    opt = torch.optim.AdamW([p for p in m.student.parameters() if p.requires_grad], lr=3e-3)
-    first = float(loss.detach())
-    for _ in range(30):
-        loss, _ = m.training_step(batch, SV)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.after_step(SV)
-    assert float(loss.detach()) < 0.7 * first  # the student learns the teacher's features
+    last = train_steps(m, batch, SV, 30)
+    assert last < 0.7 * float(loss.detach())  # the student learns the teacher's features
     assert all(torch.equal(a, b) for a, b in zip(m.frozen.parameters(), frozen0))  # frozen
     assert all(p.grad is None for p in m.frozen.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(m.teacher.parameters(), ema0))  # the EMA follows
@@ -161,15 +166,7 @@ def test_heads_target_losses_by_hand(tmp_path: Path) -> None:
     assert float(logs["loss/ibot"]) == pytest.approx(want_ibot, rel=1e-4)
     assert float(loss.detach()) == pytest.approx(want_dino + 0.5 * want_ibot, rel=1e-4)
     frozen0 = [p.clone() for p in m.frozen.parameters()]
-    opt = torch.optim.AdamW([p for p in m.student.parameters() if p.requires_grad], lr=3e-3)
-    first = float(loss.detach())
-    for _ in range(25):
-        loss, _ = m.training_step(batch, SV_HEADS)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.after_step(SV_HEADS)
-    assert float(loss.detach()) < first  # the student's heads learn the teacher's targets
+    assert train_steps(m, batch, SV_HEADS, 25) < float(loss.detach())  # the student's heads learn the targets
     assert all(torch.equal(a, b) for a, b in zip(m.frozen.parameters(), frozen0))
 
 
