@@ -164,6 +164,17 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    from fovea.data.tarshards import write_shards
+    src = source_from_spec(args.data)
+    paths = write_shards(src, args.out, args.per_shard, args.prefix)
+    last = Path(paths[-1]).stem.rsplit("-", 1)[-1]
+    first = "0" * len(last)
+    print(f"[fovea] {len(src)} images of {src.name} -> {len(paths)} shards; train on them with "
+          f"data.train.kind=webdataset data.train.path='{Path(args.out) / f'{args.prefix}-{{{first}..{last}}}.tar'}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fovea.eval.commands import add_backbone_options, add_eval_commands
     from fovea.curate.commands import add_curate_command
@@ -259,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("dataset", choices=["fmnist"], help="data set name")
     dl.add_argument("--dest", default="", help="target folder (default ~/.cache/fovea/fashion-mnist)")
     dl.set_defaults(func=cmd_data_download)
+    sh = dsub.add_parser("shard", help="write a data set as WebDataset tar shards",
+                         description="Write every readable image of a data set as WebDataset tar shards "
+                         "(KEY.png + KEY.cls): OUT/PREFIX-00000.tar ... Train on them with "
+                         "data.train.kind=webdataset data.train.path='OUT/PREFIX-{00000..NNNNN}.tar'.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sh.add_argument("--data", required=True, metavar="SPEC", help="fmnist:train|test[:DIR], parquet:FILE, folder:DIR, ...")
+    sh.add_argument("--out", required=True, help="output folder")
+    sh.add_argument("--per-shard", type=int, default=1000, help="images per shard")
+    sh.add_argument("--prefix", default="train", help="shard file name prefix")
+    sh.set_defaults(func=cmd_data_shard)
     return p
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR"
+SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR, webdataset:SHARDS or manifest:DIR"
 
 
 def cmd_curate(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 import numpy as np
 
 
-SourceKind = Literal["fmnist", "parquet", "folder", "manifest"]
+SourceKind = Literal["fmnist", "parquet", "folder", "webdataset", "manifest"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 
 
@@ -16,8 +16,8 @@ SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
 class SourceConfig:
     """Which images to read. ``limit > 0`` keeps a fixed random subset (seeded by ``seed``)."""
 
-    kind: SourceKind = "fmnist"  # fmnist | parquet | folder | manifest (the output of `fovea curate`)
-    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file, directory of *.parquet shards or glob; folder: dir; manifest: curate folder or its manifest.parquet
+    kind: SourceKind = "fmnist"  # fmnist | parquet | folder | webdataset (tar shards) | manifest (the output of `fovea curate`)
+    path: str = ""  # fmnist: dir with IDX files ("" = default search); parquet: file, directory of *.parquet shards or glob; folder: dir; webdataset: shards as shards/train-{00000..00099}.tar, a glob or a dir; manifest: curate folder or its manifest.parquet
     split: str = "train"  # fmnist only: "train" | "test"
     limit: int = 0  # > 0: a fixed random subset of this many images
     seed: int = 0  # seed of the `limit` subset
@@ -52,11 +52,13 @@ class SpecError(ValueError):
 
 
 def parse_source_spec(spec: str) -> dict:
-    """'fmnist:train[:DIR]' | 'parquet:FILE' | 'folder:DIR' | 'manifest:DIR' -> SourceConfig fields."""
+    """'fmnist:train[:DIR]' | 'parquet:FILE' | 'folder:DIR' | 'webdataset:SHARDS' | 'manifest:DIR' -> SourceConfig
+    fields."""
     kind, _, rest = spec.partition(":")
     if kind == "fmnist":
         split, _, path = rest.partition(":")
         return {"kind": "fmnist", "split": split or "train", "path": path}
-    if kind in ("parquet", "folder", "manifest") and rest:
+    if kind in ("parquet", "folder", "webdataset", "manifest") and rest:
         return {"kind": kind, "path": rest}
-    raise SpecError(f"bad data spec {spec!r}: use fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR")
+    raise SpecError(f"bad data spec {spec!r}: use fmnist:train|test[:DIR], parquet:FILE, folder:DIR, "
+                    "webdataset:SHARDS or manifest:DIR")

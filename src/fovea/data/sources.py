@@ -303,13 +303,18 @@ def build_source(cfg: SourceConfig) -> ImageSource:
         if not cfg.path:
             raise ValueError("source kind 'folder' needs path=<directory>")
         src = FolderSource(cfg.path)
+    elif kind == "webdataset":
+        if not cfg.path:
+            raise ValueError("source kind 'webdataset' needs path=<shards, e.g. shards/train-{00000..00099}.tar>")
+        from fovea.data.tarshards import TarShardSource
+        src = TarShardSource(cfg.path)
     elif kind == "manifest":
         if not cfg.path:
             raise ValueError("source kind 'manifest' needs path=<fovea curate output folder or manifest.parquet>")
         from fovea.data.manifest import ManifestSource
         src = ManifestSource(cfg.path, build_source)
     else:
-        raise ValueError(f"unknown source kind {cfg.kind!r} (expected fmnist, parquet, folder or manifest)")
+        raise ValueError(f"unknown source kind {cfg.kind!r} (expected fmnist, parquet, folder, webdataset or manifest)")
     if cfg.limit < 0:
         raise ValueError(f"limit must be >= 0, got {cfg.limit}")
     if 0 < cfg.limit < len(src):

@@ -8,7 +8,7 @@ import sys
 
 from fovea.eval.report import DEFAULT_PROTOCOLS, PROTOCOLS
 
-SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR or manifest:DIR"
+SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR, webdataset:SHARDS or manifest:DIR"
 
 
 
