@@ -131,3 +131,13 @@ def test_demo_preset_runs_end_to_end_on_fashion_mnist(tmp_path: Path) -> None:
     from fovea.config.loader import load_config
     again = load_config(str(out / "config.yaml"))
     assert again.model.depth == 2 and again.optim.max_steps == 3 and again.dino.out_dim == 1024
+
+
+def test_persistent_workers_give_the_in_process_batches(folder: Path, tmp_path: Path) -> None:
+    """Three epochs with one data worker that persists across them == the same run loading in-process."""
+    common = ["data.batch_size=16", "optim.epochs=3", "train.checkpoint_every_steps=100"]
+    run_cli(base_args(folder, tmp_path / "w0") + common)
+    run_cli(base_args(folder, tmp_path / "w1") + common + ["data.num_workers=1"])
+    a, b = losses(tmp_path / "w0"), losses(tmp_path / "w1")
+    assert sorted(a) == sorted(b) == list(range(1, 10))  # 48 images / 16 = 3 steps x 3 epochs
+    assert all(a[s] == b[s] for s in a)

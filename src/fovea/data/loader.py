@@ -141,13 +141,22 @@ def make_train_loader(ds: Dataset, batch_size: int, rank: int, world: int, seed:
                       collate_fn: Callable[[list], dict] = collate_multicrop) -> DataLoader:
     """DataLoader over one epoch (from ``start_step``) with a private generator (leaves global RNG alone).
 
-    ``ds`` is keyed by (epoch, index); ``collate_fn`` is the method's (multi-crop by default).
+    ``ds`` is keyed by (epoch, index); ``collate_fn`` is the method's (multi-crop by default). The workers
+    persist: move the loader to another epoch with :func:`set_epoch` and iterate it again (the batches are
+    drawn in the main process, so the workers need not restart).
     """
     sampler = EpochBatchSampler(len(cast(Sized, ds)), batch_size, rank, world, seed, epoch, start_step)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=ignore_stop_signals if num_workers else None,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+
+
+def set_epoch(loader: DataLoader, epoch: int, start_step: int) -> DataLoader:
+    """Point a loader of :func:`make_train_loader` at ``epoch`` from ``start_step`` (its workers stay)."""
+    sampler = cast(EpochBatchSampler, loader.batch_sampler)
+    sampler.epoch, sampler.start_step = epoch, start_step
+    return loader
 
 
 def make_eval_loader(ds: EvalDataset, batch_size: int, num_workers: int) -> DataLoader:

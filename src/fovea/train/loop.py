@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fovea.config.loader import dump_yaml, to_dict
@@ -20,7 +21,7 @@ from fovea.config.schema import RunConfig
 from fovea.core.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fovea.core.distributed import all_reduce_mean, barrier, cleanup, init_distributed, main_decides
 from fovea.core.logging import MetricLogger
-from fovea.data.loader import make_train_loader, stop_signals_blocked
+from fovea.data.loader import make_train_loader, set_epoch, stop_signals_blocked
 from fovea.eval.knn import evaluate_knn_sharded
 from fovea.hub.backbone import export_backbone
 from fovea.methods.registry import spec_for
@@ -109,6 +110,7 @@ class Trainer:
             self.method.set_student_wrapper(ddp)
         self.step = 0
         self.skipped = 0
+        self._loader: DataLoader | None = None
         self.logger = MetricLogger(self.out, enabled=self.info.is_main)
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # per-rank stream for drop-path etc.
         if resume_path is not None:
@@ -238,9 +240,12 @@ class Trainer:
             if phase != self.phase:
                 self.phase = phase
                 self.dataset, self.collate = self.spec.train_data(c, self.source, phase)
-            loader = make_train_loader(self.dataset, step_batch(c), self.info.rank, self.info.world,
-                                       c.train.seed, epoch, pos, c.data.num_workers,
-                                       pin_memory=self.device.type == "cuda", collate_fn=self.collate)
+                self._loader = None  # new crops: new workers
+            if self._loader is None:
+                self._loader = make_train_loader(self.dataset, step_batch(c), self.info.rank, self.info.world,
+                                                 c.train.seed, epoch, pos, c.data.num_workers,
+                                                 pin_memory=self.device.type == "cuda", collate_fn=self.collate)
+            loader = set_epoch(self._loader, epoch, pos)  # the workers persist from epoch to epoch
             stopped = self._stop_requested()
             with stop_signals_blocked():  # workers start with SIGTERM / SIGINT held, then ignore them
                 batches: Iterator[dict] = iter([] if stopped else loader)
@@ -272,10 +277,12 @@ class Trainer:
                     break  # stop request, end, or a new data phase (a new loader, e.g. new crop sizes)
             if stopped:
                 bar.close()
+                self._loader = None
                 if self.saved_step != self.step:
                     self.save()
                 raise RunInterrupted(stopped, self.step, str(self.ckpt_dir / "last.pt"))
         bar.close()
+        self._loader = None  # the data workers exit before the final evaluation
         train_minutes = (time.time() - t_start) / 60
         self.results.update({"steps": self.step, "skipped_images": self.skipped,
                              "train_minutes_this_session": round(train_minutes, 2)})
