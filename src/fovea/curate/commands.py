@@ -11,6 +11,7 @@ SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR, webdataset:SHARDS or 
 def cmd_curate(args: argparse.Namespace) -> int:
     from fovea.curate.run import CurateOptions, curate
     opt = CurateOptions(pool=args.pool, queries=args.queries, model=args.model, out=args.out, exclude=args.exclude,
+                        dedup_model=args.dedup_model,
                         dedup_threshold=args.dedup_threshold, dedup_k=args.dedup_k,
                         dedup_rule=args.dedup_groups, exclude_threshold=args.exclude_threshold, clusters=args.clusters,
                         per_query=args.per_query, per_cluster=args.per_cluster, feature=args.features,
@@ -53,6 +54,8 @@ def add_curate_command(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", required=True, metavar="MODEL",
                    help="run folder, imported folder, checkpoint, backbone.safetensors or released file")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    c.add_argument("--dedup-model", default="", metavar="MODEL", help="a separate embedding for the copy-detection "
+                   "steps (--exclude and near-duplicates; LVD-142M used a copy-detection model); default: --model")
     c.add_argument("--exclude", nargs="*", default=[], metavar="SPEC",
                    help="evaluation sets: pool images with cosine above --exclude-threshold to one of them are removed")
     c.add_argument("--dedup-threshold", type=float, default=0.95, help="cosine similarity above which two images "

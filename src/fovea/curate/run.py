@@ -38,6 +38,7 @@ class CurateOptions:
     queries: str
     model: str
     out: str
+    dedup_model: str = ""  # the embedding of the copy-detection steps (default: model)
     exclude: list[str] = field(default_factory=list)
     dedup_threshold: float = 0.95
     dedup_k: int = 8
@@ -73,7 +74,7 @@ class Pool:
         return len(self.part)
 
 
-def _concat(parts: list[Embedded], out: Path) -> Pool:
+def _concat(parts: list[Embedded], out: Path, name: str = "pool_embeddings.npy") -> Pool:
     """One memory-mapped matrix of every pool row (written batch by batch when there are several parts)."""
     part = np.concatenate([np.full(len(p.items), i, np.int64) for i, p in enumerate(parts)])
     items = np.concatenate([p.items for p in parts])
@@ -82,7 +83,7 @@ def _concat(parts: list[Embedded], out: Path) -> Pool:
     d = parts[0].x.shape[1]
     if any(p.x.shape[1] != d for p in parts):
         raise ValueError("pool embeddings of different widths")
-    path = out / "pool_embeddings.npy"
+    path = out / name
     x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(part), d))
     r = 0
     for p in parts:
@@ -138,31 +139,42 @@ def curate(opt: CurateOptions) -> dict:
     mkey = model_key(opt.model)
     times: dict[str, float] = {}
 
-    def emb(spec: str, what: str) -> Embedded:
-        return embed_cached(backbone, spec, sources[spec], cache, cache_key(mkey, spec, size, opt.feature), opt.feature,
-                            size, device, opt.batch_size, opt.workers, crops.get("mean"), crops.get("std"),
-                            opt.progress, what)
+    def emb(spec: str, what: str, model: tuple = (backbone, crops, size, mkey)) -> Embedded:
+        bb, cr, sz, key = model
+        return embed_cached(bb, spec, sources[spec], cache, cache_key(key, spec, sz, opt.feature), opt.feature, sz,
+                            device, opt.batch_size, opt.workers, cr.get("mean"), cr.get("std"), opt.progress, what)
 
     t0 = time.time()
     parts = [emb(s, "pool") for s in specs["pool"]]
     query = emb(specs["queries"][0], "queries")
     excl = [emb(s, "exclude") for s in specs["exclude"]]
-    times["embed"] = time.time() - t0
     pool = _concat(parts, out)
+    copy_pool, copy_excl = pool, excl  # the copy-detection steps' embeddings: --dedup-model's when given
+    if opt.dedup_model:
+        d_bb, d_meta = load_backbone(opt.dedup_model, which=opt.which)
+        d_crops = d_meta.get("crops", {}) or {}
+        d_model = (d_bb, d_crops, opt.size or d_crops.get("global_size") or d_bb.cfg.img_size,
+                   model_key(opt.dedup_model))
+        d_parts = [emb(s, "pool (copy detection)", d_model) for s in specs["pool"]]
+        copy_excl = [emb(s, "exclude (copy detection)", d_model) for s in specs["exclude"]]
+        copy_pool = _concat(d_parts, out, "dedup_embeddings.npy")
+        if not np.array_equal(copy_pool.items, pool.items):
+            raise ValueError("--dedup-model read other images than --model (unreadable images differ)")
+    times["embed"] = time.time() - t0
     n = pool.n
 
     t0 = time.time()
     ex_hit = np.zeros(n, bool)
     ex_part, ex_item, ex_sim = np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -np.inf, np.float32)
-    for j, e in enumerate(excl):
-        sim, idx = S.nearest(pool.x, e.x)
+    for j, e in enumerate(copy_excl):
+        sim, idx = S.nearest(copy_pool.x, e.x)
         better = sim > ex_sim
         ex_sim[better], ex_part[better], ex_item[better] = sim[better], j, e.items[idx[better]]
         ex_hit |= sim > ex_threshold
     times["exclude"] = time.time() - t0
     t0 = time.time()
     alive = np.flatnonzero(~ex_hit)  # copies of evaluation images take no part in the pool's groups
-    found = S.duplicate_groups(S.Subset(pool.x, alive), opt.dedup_threshold, opt.dedup_k, rule=opt.dedup_rule)
+    found = S.duplicate_groups(S.Subset(copy_pool.x, alive), opt.dedup_threshold, opt.dedup_k, rule=opt.dedup_rule)
     rep, dup_sim = np.arange(n), np.full(n, -np.inf, np.float32)
     rep[alive], dup_sim[alive] = alive[found.group], found.similarity
     dups = S.Duplicates(rep, dup_sim)
@@ -206,9 +218,9 @@ def curate(opt: CurateOptions) -> dict:
         "the similarities are in removed.parquet)"]
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(_report_md(summary))
-    if pool.x is not parts[0].x:
-        del pool
-        (out / "pool_embeddings.npy").unlink(missing_ok=True)
+    del pool, copy_pool
+    for name in ("pool_embeddings.npy", "dedup_embeddings.npy"):
+        (out / name).unlink(missing_ok=True)
     return summary
 
 
@@ -279,7 +291,8 @@ def _summary(opt: CurateOptions, pool: Pool, query: Embedded, excl: list[Embedde
                            "kept": int((~removed_dup & ~ex_hit & mine).sum()),
                            "retrieved": int((pool.part[rows] == i).sum())})
     ex_t = opt.dedup_threshold if opt.exclude_threshold is None else opt.exclude_threshold
-    return {"model": opt.model, "feature": opt.feature, "size": size, "dedup_threshold": opt.dedup_threshold,
+    return {"model": opt.model, "dedup_model": opt.dedup_model or opt.model, "feature": opt.feature, "size": size,
+            "dedup_threshold": opt.dedup_threshold,
             "exclude_threshold": ex_t,
             "dedup_k": opt.dedup_k, "dedup_rule": opt.dedup_rule, "rule": rule, "clusters": ks, "index": "flat" if pool.n <= S.FLAT_MAX else "ivf",
             "pool": {"images": int(sum(len(p.source) for p in pool.parts)), "embedded": pool.n,
@@ -299,7 +312,8 @@ def _summary(opt: CurateOptions, pool: Pool, query: Embedded, excl: list[Embedde
 def _report_md(s: dict) -> str:
     p, q, c, sim = s["pool"], s["queries"], s["cluster_sizes"], s["similarity"]
     warn = [f"**Warning**: {w}" for w in s.get("warnings", [])]
-    head = (f"Model `{s['model']}` ({s['feature']} at {s['size']} px); near-duplicates: cosine > "
+    copy = "" if s["dedup_model"] == s["model"] else f"; copy detection with `{s['dedup_model']}`"
+    head = (f"Model `{s['model']}` ({s['feature']} at {s['size']} px){copy}; near-duplicates: cosine > "
             f"{s['dedup_threshold']} to one of the {s['dedup_k']} nearest ({s['dedup_rule']} groups); copies of "
             f"the excluded sets: cosine > {s['exclude_threshold']} to one of their images; {len(s['clusters'])}-level k-means "
             f"{s['clusters']}; retrieval {s['rule']}; {s['index']} index.")

@@ -155,3 +155,20 @@ def test_exclusion_has_its_own_threshold(pool: dict, tmp_path: Path) -> None:
         curate(CurateOptions(out=str(tmp_path / "loose"), exclude_threshold=1e-6, **base))
     with pytest.raises(ValueError, match="--exclude-threshold"):
         curate(CurateOptions(out=str(tmp_path / "bad"), exclude_threshold=1.5, **base))
+
+
+def test_a_separate_copy_detection_model(pool: dict, tmp_path: Path) -> None:
+    """--dedup-model embeds pool and evaluation sets a second time for the copy-detection steps only."""
+    from fovea.curate.run import CurateOptions, curate
+    torch.manual_seed(7)
+    other = VisionTransformer(ViTConfig(arch="vit_tiny", depth=1, embed_dim=24, num_heads=2, patch_size=8, img_size=16))
+    export_backbone(other, tmp_path / "copy_model", extra={"crops": {"global_size": 16}})
+    s = curate(CurateOptions(pool=[pool["a"], pool["b"]], queries=pool["q"], model=str(pool["root"] / "model"),
+                             dedup_model=str(tmp_path / "copy_model"), exclude=[pool["e"]], out=str(tmp_path / "o"),
+                             dedup_threshold=0.99999, clusters=[4], per_query=3, progress=False))
+    assert s["dedup_model"] == str(tmp_path / "copy_model")
+    assert s["pool"]["duplicates_removed"] == 5 and s["pool"]["excluded"] == 3  # exact copies under any model
+    assert s["retrieved"] == pool["summary"]["retrieved"]  # retrieval still uses --model, on the same kept set
+    cached = sorted(p.name for p in (tmp_path / "o" / "cache").glob("*.npy") if not p.name.endswith(".index.npy"))
+    assert len(cached) == 2 + 1 + 1 + 2 + 1  # pool x2, queries, exclude by the model; pool x2, exclude by the other
+    assert "copy detection with" in (tmp_path / "o" / "report.md").read_text()
