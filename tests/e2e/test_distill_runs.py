@@ -36,3 +36,11 @@ def test_distil_a_run_with_its_heads(folder: Path, tmp_path: Path) -> None:
     assert "resum" in proc.stdout.lower()
     assert losses(student, "loss/dino") == got
     assert json.loads((student / "results.json").read_text())["steps"] == 6
+
+
+def test_a_missing_teacher_is_named_before_any_work(folder: Path, tmp_path: Path) -> None:
+    proc = run_cli(["distill_vittiny_cifar10", f"output_dir={tmp_path / 'run'}", f"distill.teacher={tmp_path / 'no'}",
+                    "data.train.kind=folder", f"data.train.path={folder}", "data.eval_train=null",
+                    "data.eval_test=null"], check=False)
+    assert proc.returncode == 2 and "distill.teacher:" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "run").exists()

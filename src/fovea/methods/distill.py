@@ -95,7 +95,8 @@ def teacher_heads(cfg: RunConfig, teacher_dim: int, student_dim: int
     from fovea.config.build import build_section, legacy_tree
     from fovea.hub.backbone import load_head_states
     from fovea.hub.released import head_shape
-    path = cfg.distill.teacher
+    from fovea.data.sources import resolve_data_path
+    path = resolve_data_path(cfg.distill.teacher)
     states, run_cfg = load_head_states(path)
     if "dino_head" not in states:
         raise ValueError(f"distill.target=heads: {path} has no DINO head (released hub backbones have none); "
@@ -143,7 +144,8 @@ class Distill(Method):
         d = cfg.distill
         if not d.teacher:
             raise ValueError("distill.teacher: the path of the frozen teacher is required")
-        frozen, meta = load_backbone(d.teacher)
+        from fovea.data.sources import resolve_data_path
+        frozen, meta = load_backbone(resolve_data_path(d.teacher))
         if frozen.cls_token is None:
             raise ValueError(f"distill.teacher={d.teacher}: the teacher has no CLS token")
         crops = meta.get("crops", {}) or {}
@@ -273,10 +275,23 @@ def train_data(cfg: RunConfig, source: Any, phase: str = "") -> Any:
     return multicrop(cfg, source, phase)
 
 
+def resolve(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
+    """The teacher must exist before any work (named); then the EMA momentum's 'auto' value."""
+    import os
+
+    from fovea.data.sources import resolve_data_path
+    if cfg.distill.teacher and not os.path.exists(resolve_data_path(cfg.distill.teacher)):
+        raise ValueError(f"distill.teacher: {cfg.distill.teacher} does not exist (a run folder, an imported folder, "
+                         "backbone.safetensors, a checkpoint or a released file; for the presets, train the teacher "
+                         "first, e.g. `fovea train dino_vittiny_cifar10`)")
+    return resolve_momentum(cfg, n_images, world)
+
+
 def check(cfg: RunConfig) -> list[str]:
     bad = []
     if not cfg.distill.teacher:
         bad.append("distill.teacher: the path of the frozen teacher is required (method: distill)")
+
     if not cfg.model.cls_token:
         bad.append("model.cls_token=false: distillation matches the CLS token")
     if cfg.ibot.enabled:
@@ -316,4 +331,4 @@ def flops(cfg: RunConfig, batch: dict) -> dict[str, Any]:
 
 SPEC = register(MethodSpec(
     names=("distill",), sections=("distill", "dino", "koleo", "crops"), build=Distill, train_data=train_data, schedule=schedule,
-    resolve=resolve_momentum, check=check, synthetic_batch=synthetic_batch, flops=flops))
+    resolve=resolve, check=check, synthetic_batch=synthetic_batch, flops=flops))
