@@ -14,7 +14,8 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 import numpy as np
 
@@ -149,6 +150,34 @@ def _walk_images(root: str) -> list[str]:
     return sorted(out)
 
 
+class PathList(Sequence[str]):
+    """File paths kept as one UTF-8 buffer and an offset array: no Python object per file (a folder of
+    millions of images costs a few bytes per image in every data-loader worker); items decode on access."""
+
+    def __init__(self, paths: list[str]) -> None:
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self._blob = np.frombuffer(b"".join(encoded), np.uint8).copy()
+        self._off = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        return self._blob[self._off[i]:self._off[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+
 class FolderSource(ImageSource):
     """Images in ``root/<class>/**`` (labels = index in sorted class names), or unlabelled.
 
@@ -179,7 +208,7 @@ class FolderSource(ImageSource):
         if not paths:
             raise ValueError(f"folder {root} contains no image files "
                              f"(looked for {' '.join(IMAGE_EXTENSIONS)}, case-insensitive)")
-        self.paths = paths
+        self.paths = PathList(paths)
         self.labels = np.asarray(labels, np.int64)
 
     def load(self, i: int) -> np.ndarray | None:

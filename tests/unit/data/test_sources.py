@@ -372,6 +372,18 @@ def _child_load(src: ParquetSource, q: "mp.Queue[object]") -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method only tested on Linux")
+def test_folder_paths_take_no_object_per_file(tmp_path: Path) -> None:
+    from fovea.data.sources import PathList
+    names = [str(tmp_path / f"d/{i:03d}-é.png") for i in range(5)]
+    pl = PathList(names)
+    assert len(pl) == 5 and list(pl) == names and pl[-1] == names[-1] and pl[1:3] == names[1:3]
+    assert pl._blob.dtype == np.uint8 and pl._off.tolist()[-1] == sum(len(n.encode()) for n in names)
+    clone = pickle.loads(pickle.dumps(pl))  # two arrays travel to the workers, not a list of strings
+    assert clone[2] == names[2]
+    with pytest.raises(IndexError):
+        pl[5]
+
+
 def test_parquet_shards_by_directory_and_glob(tmp_path: Path) -> None:
     d = tmp_path / "shards"
     d.mkdir()
