@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -81,6 +82,25 @@ def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) 
     if check and proc.returncode != 0:
         raise AssertionError(f"fovea train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_killed_at(args: list[str], step: int) -> subprocess.CompletedProcess:
+    """``fovea train ARGS`` in a subprocess that kills itself with SIGKILL as step ``step`` begins (no clean-up,
+    as in a crash or an OOM kill)."""
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        from fovea.train import step as st
+        orig = st.Stepper.step
+        def train_step(self, batch, sv, *a):
+            if sv.step == {step}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(self, batch, sv, *a)
+        st.Stepper.step = train_step
+        from fovea.cli import main
+        sys.exit(main(["train", *{args!r}]))
+    """)
+    return subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def free_port() -> int:

@@ -6,15 +6,13 @@ skipped and counted, a misspelt config key failing before any work.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers import base_args, losses, make_folder, run_cli, run_torchrun
+from helpers import base_args, losses, make_folder, run_cli, run_killed_at, run_torchrun
 
 def test_resume_after_sigkill_continues_same_losses(folder: Path, tmp_path: Path) -> None:
     common = base_args(folder, tmp_path / "a") + ["data.batch_size=8", "optim.max_steps=14",
@@ -26,20 +24,7 @@ def test_resume_after_sigkill_continues_same_losses(folder: Path, tmp_path: Path
     # Same run, killed with SIGKILL in the middle of step 11 (after the step-8 checkpoint):
     # the process dies without any clean-up, as in a crash or an OOM kill.
     b = tmp_path / "b"
-    killer = textwrap.dedent(f"""
-        import os, signal, sys
-        from fovea.train import step
-        orig = step.Stepper.step
-        def train_step(self, batch, sv, *a):
-            if sv.step == 10:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return orig(self, batch, sv, *a)
-        step.Stepper.step = train_step
-        from fovea.cli import main
-        sys.exit(main(["train", *{[a.replace(str(tmp_path / 'a'), str(b)) for a in common]!r}]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_killed_at([a.replace(str(tmp_path / "a"), str(b)) for a in common], 10)
     assert proc.returncode == -9, proc.stderr
     assert (b / "checkpoints" / "last.pt").exists()
     assert max(losses(b)) == 10  # steps 9, 10 were logged but not checkpointed

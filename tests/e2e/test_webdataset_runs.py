@@ -2,16 +2,14 @@
 resumed, the run logs the losses of an uninterrupted one."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers import TINY, losses, run_cli
+from helpers import TINY, losses, run_cli, run_killed_at
 
 
 def test_tar_shards_train_and_resume_exactly(folder: Path, tmp_path: Path) -> None:
@@ -26,20 +24,7 @@ def test_tar_shards_train_and_resume_exactly(folder: Path, tmp_path: Path) -> No
     ref = losses(tmp_path / "a")
     assert sorted(ref) == list(range(1, 15))
     b = tmp_path / "b"
-    killer = textwrap.dedent(f"""
-        import os, signal, sys
-        from fovea.train import step
-        orig = step.Stepper.step
-        def train_step(self, batch, sv, *a):
-            if sv.step == 10:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return orig(self, batch, sv, *a)
-        step.Stepper.step = train_step
-        from fovea.cli import main
-        sys.exit(main(["train", *{common + [f"output_dir={b}"]!r}]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_killed_at(common + [f"output_dir={b}"], 10)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     again = run_cli(common + [f"output_dir={b}"])
     assert "at step 8/14" in again.stdout
