@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fovea.config.schema import RunConfig
 from fovea.data.augment import normalize
 from fovea.methods.base import Method, StepValues, ema_update, frozen_copy
-from fovea.methods.terms import TERMS, Outputs, Parts, StepInput, Term
+from fovea.methods.terms import TERMS, Outputs, Parts, StepInput, Term, sum_terms
 from fovea.models.heads import DINOHead
 from fovea.models.matryoshka import MatryoshkaHead, nesting_widths
 from fovea.models.vit import VisionTransformer
@@ -164,17 +164,7 @@ class DINO(Method):
         with torch.no_grad():
             t = Outputs(*self.teacher(x.crops[:2], None, x.masks))
         s = Outputs(*self.student_fwd(x.crops, x.masks, x.masks))
-        logs: dict[str, Tensor] = {}
-        loss: Tensor | None = None
-        for name, term in self.term_list():
-            value, term_logs = term(s, t, x, sv)
-            logs.update(term_logs)
-            logs[f"loss/{name}"] = value.detach()
-            weighted = term.weight(sv) * value
-            loss = weighted if loss is None else loss + weighted
-        assert loss is not None  # the dino term is always on
-        logs["loss/total"] = loss.detach()
-        return loss, logs
+        return sum_terms(self.terms, s, t, x, sv)  # the dino term is always on
 
     def after_backward(self, sv: StepValues) -> None:
         if sv.sched.get("freeze_last_layer"):  # the prototypes get no update in the first epoch(s)
@@ -203,5 +193,10 @@ class DINO(Method):
         return self.teacher.backbone
 
     def last_layer_params(self) -> list[nn.Parameter]:
-        heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])
-        return [p for h in heads for layer in h.last_layer_modules for p in layer.parameters()]
+        return last_layer_params(self.student)
+
+
+def last_layer_params(student: Student) -> list[nn.Parameter]:
+    """The prototypes of the student's heads (frozen during "freeze last layer")."""
+    heads = [student.head] + ([student.patch_head] if student.patch_head is not None else [])
+    return [p for h in heads for layer in h.last_layer_modules for p in layer.parameters()]

@@ -28,8 +28,8 @@ from fovea.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from fovea.losses.gram import resize_patch_grid
 from fovea.methods.base import (EMABackbone, Method, StepValues, ema_schedule_value, ema_update, frozen_copy,
                                resolve_momentum)
-from fovea.methods.dino import Head, Student, build_heads, head_parts
-from fovea.methods.terms import Outputs, StepInput, Term
+from fovea.methods.dino import Head, Student, build_heads, head_parts, last_layer_params
+from fovea.methods.terms import Outputs, StepInput, Term, sum_terms
 from fovea.methods.terms.dino import DINOTerm
 from fovea.methods.terms.ibot import IBOTTerm
 from fovea.methods.terms.koleo import KoLeoTerm
@@ -229,22 +229,11 @@ class Distill(Method):
             t_patch_logits = fz.patch_head(t_patch[every]) if with_patches and fz.patch_head is not None else None
             t = Outputs(fz.head(t_cls), t_cls, t_patch_logits, t_patch)
         s = Outputs(*self.student_fwd(x, None, every if with_patches else None))
-        inp = StepInput(x, every if with_patches else None, None)
-        logs: dict[str, Tensor] = {}
-        loss = x[0].new_zeros((), dtype=torch.float32)
-        for name, term in self.terms.items():
-            assert isinstance(term, Term)
-            value, term_logs = term(s, t, inp, sv)
-            logs.update(term_logs)
-            logs[f"loss/{name}"] = value.detach()
-            loss = loss + term.weight(sv) * value
-        logs["loss/total"] = loss.detach()
-        return loss, logs
+        return sum_terms(self.terms, s, t, StepInput(x, every if with_patches else None, None), sv)
 
     def after_backward(self, sv: StepValues) -> None:
         if sv.sched.get("freeze_last_layer") and isinstance(self.student, Student):
-            heads = [self.student.head] + ([self.student.patch_head] if self.student.patch_head is not None else [])
-            for p in (p for h in heads for layer in h.last_layer_modules for p in layer.parameters()):
+            for p in last_layer_params(self.student):
                 p.grad = None
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ A new term is one file here with a :class:`~fovea.methods.terms.base.Term` subcl
 """
 from __future__ import annotations
 
-from fovea.methods.terms.base import Outputs, Parts, StepInput, Term
+from fovea.methods.terms.base import Outputs, Parts, StepInput, Term, sum_terms
 from fovea.methods.terms.dino import DINOTerm
 from fovea.methods.terms.gram import GramTerm
 from fovea.methods.terms.ibot import IBOTTerm
@@ -12,4 +12,4 @@ from fovea.methods.terms.koleo import KoLeoTerm
 
 TERMS: tuple[type[Term], ...] = (DINOTerm, IBOTTerm, KoLeoTerm, GramTerm)
 
-__all__ = ["TERMS", "Outputs", "Parts", "StepInput", "Term"]
+__all__ = ["TERMS", "Outputs", "Parts", "StepInput", "Term", "sum_terms"]

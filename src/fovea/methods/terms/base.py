@@ -85,3 +85,22 @@ def teacher_targets(logits: Tensor, loss_fn: DINOLoss, centering: str, temp: flo
     if centering == "sinkhorn":
         return sinkhorn_knopp(logits, temp, iters, n_total)
     return loss_fn.teacher_probs(logits, temp)
+
+
+def sum_terms(terms: nn.ModuleDict, s: Outputs, t: Outputs, x: StepInput, sv: StepValues
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted sum of the enabled terms, in their order, with each term's logs, ``loss/<name>`` and
+    ``loss/total``."""
+    logs: dict[str, Tensor] = {}
+    loss: Tensor | None = None
+    for name, term in terms.items():
+        assert isinstance(term, Term)
+        value, term_logs = term(s, t, x, sv)
+        logs.update(term_logs)
+        logs[f"loss/{name}"] = value.detach()
+        weighted = term.weight(sv) * value
+        loss = weighted if loss is None else loss + weighted
+    if loss is None:
+        raise ValueError("no loss term is enabled")
+    logs["loss/total"] = loss.detach()
+    return loss, logs
