@@ -195,6 +195,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (autocast with a gradient scaler, for GPUs without bf16: V100, T4)
     activation_checkpointing: bool = False  # recompute each student block's activations in the backward (less memory, ~1/3 more compute)
     compile: bool = False  # torch.compile each student block (the first steps compile; little gain on CPU)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks: ddp (replicated weights, the auto choice) | fsdp (FSDP2: parameters, gradients and optimizer state sharded per block and head)
+    checkpoint_format: Literal["auto", "full", "sharded"] = "auto"  # full: one last.pt written by rank 0 | sharded: torch.distributed.checkpoint folder last.dcp, each rank writes its shards (auto: sharded under fsdp); either resumes on any world size
     accumulate: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation): global batch = batch x ranks x accumulate
     checkpoint_every_steps: int | None = field(default=None, metadata={"auto": True})  # null = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -45,13 +46,14 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTrans
     training checkpoint.
     """
     p = Path(path)
-    if p.is_dir():
-        for cand in (p / "checkpoints" / "last.pt", p / "backbone.safetensors"):
+    if p.is_dir() and p.suffix != ".dcp":
+        for cand in (p / "checkpoints" / "last.pt", p / "checkpoints" / "last.dcp", p / "backbone.safetensors"):
             if cand.exists():
                 p = cand
                 break
         else:
-            raise FileNotFoundError(f"{path}: no checkpoints/last.pt or backbone.safetensors in this folder")
+            raise FileNotFoundError(f"{path}: no checkpoints/last.pt, checkpoints/last.dcp or backbone.safetensors "
+                                    "in this folder")
     if p.suffix == ".safetensors":
         meta_path = p.with_suffix(".yaml")
         if not meta_path.exists():
@@ -61,7 +63,7 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTrans
         model.load_state_dict(load_file(str(p)))
         return model.eval(), meta
     from fovea.hub.released import IMAGENET_MEAN, IMAGENET_STD, read_file, read_released
-    ckpt = read_file(p)
+    ckpt = read_checkpoint(p)
     if not (isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt):  # a released file: import it
         imp = read_released(p, which=which)
         model = VisionTransformer(imp.cfg)
@@ -76,6 +78,16 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTrans
         raise ValueError(f"{p}: no '{which}' backbone weights in this checkpoint")
     model.load_state_dict(state)
     return model.eval(), cfg
+
+
+def read_checkpoint(p: Path) -> Any:
+    """A file as :func:`fovea.hub.released.read_file` reads it, or a sharded training checkpoint folder
+    (``last.dcp``) read whole."""
+    if p.is_dir():
+        from fovea.train.ckptio import read_full
+        return read_full(p)
+    from fovea.hub.released import read_file
+    return read_file(p)
 
 
 def state_dict_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -101,12 +113,13 @@ def load_head_states(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor
             if sd:
                 heads[h] = sd
         return heads, None
-    if p.is_dir():
-        p = folder / "checkpoints" / "last.pt"
+    if p.is_dir() and p.suffix != ".dcp":
+        p = next((c for c in (folder / "checkpoints" / "last.pt", folder / "checkpoints" / "last.dcp") if c.exists()),
+                 folder / "checkpoints" / "last.pt")
     if p.suffix == ".safetensors" or not p.exists():
         return heads, None
-    from fovea.hub.released import ReleasedFileError, read_file, read_released
-    ckpt = read_file(p)
+    from fovea.hub.released import ReleasedFileError, read_released
+    ckpt = read_checkpoint(p)
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # a fovea training checkpoint
         for h, name in (("dino_head", "teacher.head."), ("ibot_head", "teacher.patch_head.")):
             sd = {k[len(name):]: v for k, v in ckpt["model"].items() if k.startswith(name)}

@@ -103,9 +103,11 @@ class EMABackbone(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same order)."""
-    s = [p.detach() for p in student.parameters()]
-    t: list[Tensor] = list(teacher.parameters())
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same order); on the
+    local shards when both are sharded (FSDP shards a teacher and its student alike)."""
+    from fovea.train.sharding import local
+    s = [local(p.detach()) for p in student.parameters()]
+    t: list[Tensor] = [local(p) for p in teacher.parameters()]
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 

@@ -8,6 +8,7 @@ checkpoints and periodic k-NN.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
-from fovea.core.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fovea.core.checkpoint import load_checkpoint, rng_state, set_rng_state
 from fovea.core.distributed import all_reduce_mean, barrier, cleanup, init_distributed, main_decides
 from fovea.core.logging import MetricLogger
 from fovea.data.loader import make_train_loader, set_epoch, stop_signals_blocked
@@ -27,7 +28,9 @@ from fovea.hub.backbone import export_backbone
 from fovea.methods.registry import spec_for
 from fovea.train.init_from import load_init, resolve_init_model
 from fovea.train.plan import make_plan, resolve_auto, step_batch
-from fovea.train.runfolder import RunLock, load_resume_checkpoint, open_run_sources, trajectory_diff
+from fovea.train.ckptio import load_full, load_sharded, read_meta, resolve_format, save_full, save_sharded
+from fovea.train.runfolder import RunLock, load_resume_checkpoint, open_run_sources, step_checkpoints, trajectory_diff
+from fovea.train.sharding import full_copy, resolve_strategy
 from fovea.train.signals import RunInterrupted, StopRequest
 from fovea.train.step import NonFiniteLoss, Stepper, build_stepper
 
@@ -102,9 +105,14 @@ class Trainer:
         if self.info.world > 1 and self.device.type == "cuda":
             # head BatchNorm (dino.use_bn) normalises over the global batch, as one process would
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.strategy = resolve_strategy(cfg.train.strategy, self.info.world)
+        if self.strategy == "fsdp" and cfg.train.precision == "fp16":
+            raise ValueError("train.precision=fp16 is not supported with train.strategy=fsdp (its gradient scaler "
+                             "would need the overflow check of every shard); use train.precision=bf16, or ddp")
+        self.ckpt_format = resolve_format(cfg.train.checkpoint_format, self.strategy == "fsdp")
         self.stepper: Stepper = build_stepper(cfg, self.plan, self.device, self.info, method)
         self.method, self.optimizer = self.stepper.method, self.stepper.optimizer
-        if self.info.world > 1:
+        if self.strategy == "ddp":
             ddp = torch.nn.parallel.DistributedDataParallel(
                 self.method.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.method.set_student_wrapper(ddp)
@@ -119,9 +127,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _resume(self, path: Path) -> None:
-        ckpt = self.__dict__.pop("_loaded", None) or load_checkpoint(path)
-        self.method.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        sharded = path.suffix == ".dcp" or path.name == ".last.dcp.old"
+        ckpt = self.__dict__.pop("_loaded", None) or (read_meta(path) if sharded else load_checkpoint(path))
+        if sharded:
+            load_sharded(self.method, self.optimizer, path)  # every rank reads its shards, resharded
+        else:
+            load_full(self.method, self.optimizer, ckpt)
         if self.stepper.scaler is not None and ckpt.get("scaler"):
             self.stepper.scaler.load_state_dict(ckpt["scaler"])
         self.step = self.saved_step = int(ckpt["step"])
@@ -132,27 +143,45 @@ class Trainer:
         self.logger.truncate_after(self.step)
         if self.info.is_main:
             print(f"[fovea] resumed from {path} at step {self.step}/{self.plan.total_steps}", flush=True)
+            old_world, old = int(ckpt.get("world") or 1), ckpt.get("config", {})
+            if old_world != self.info.world:
+                ob, oa = old.get("data", {}).get("batch_size"), old.get("train", {}).get("accumulate", 1)
+                print(f"[fovea] the checkpoint was written by {old_world} rank(s) x batch {ob} x {oa} accumulated; "
+                      f"now {self.info.world} x {self.cfg.data.batch_size} x {self.cfg.train.accumulate}: the same "
+                      "global batch (Sinkhorn-Knopp, KoLeo and head BatchNorm see each rank's micro-batches)",
+                      flush=True)
+
+    @property
+    def last_path(self) -> Path:
+        """Where the newest checkpoint of this run goes: ``last.pt``, or the sharded folder ``last.dcp``."""
+        return self.ckpt_dir / ("last.dcp" if self.ckpt_format == "sharded" else "last.pt")
 
     def save(self, final: bool = False) -> None:
-        """Atomically write ``last.pt`` (and a step copy) with everything needed to resume exactly."""
+        """Atomically write ``last.pt`` (or the sharded ``last.dcp``) and a step copy, with everything needed
+        to resume exactly (every rank calls it)."""
         rng = [rng_state()]
         self.saved_step = self.step
         if self.info.world > 1:
             gathered: list = [None] * self.info.world
             torch.distributed.all_gather_object(gathered, rng[0])
             rng = gathered
-        if not self.info.is_main:
-            return
-        state = {"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "step": self.step, "rng": rng, "skipped": self.skipped, "results": self.results,
-                 "config": to_dict(self.cfg), "world": self.info.world,
-                 "scaler": self.stepper.scaler.state_dict() if self.stepper.scaler is not None else None}
-        save_atomic(state, self.ckpt_dir / "last.pt")
-        if self.cfg.train.keep_checkpoints > 0 and not final:
-            save_atomic(state, self.ckpt_dir / f"step_{self.step:08d}.pt")
-            olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.train.keep_checkpoints]
-            for o in olds:
-                o.unlink(missing_ok=True)
+        run_state = {"step": self.step, "rng": rng, "skipped": self.skipped, "results": self.results,
+                     "config": to_dict(self.cfg), "world": self.info.world,
+                     "scaler": self.stepper.scaler.state_dict() if self.stepper.scaler is not None else None}
+        keep = self.cfg.train.keep_checkpoints > 0 and not final
+        suffix = ".dcp" if self.ckpt_format == "sharded" else ".pt"
+        copy = self.ckpt_dir / f"step_{self.step:08d}{suffix}" if keep else None
+        if self.ckpt_format == "sharded":
+            save_sharded(self.method, self.optimizer, run_state, self.ckpt_dir / "last.dcp", self.info, copy)
+        else:
+            save_full(self.method, self.optimizer, run_state, self.ckpt_dir / "last.pt", self.info, copy)
+        if self.info.is_main:
+            stale = self.ckpt_dir / ("last.pt" if self.ckpt_format == "sharded" else "last.dcp")
+            if stale.exists():  # a run that changed format: resume must not pick the older one
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            if keep:
+                for o in step_checkpoints(self.ckpt_dir)[self.cfg.train.keep_checkpoints:]:
+                    shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- evaluation
     def knn(self, tag: str) -> dict | None:
@@ -163,7 +192,7 @@ class Trainer:
             return None
         t0 = time.time()
         kinds = list(dict.fromkeys([c.eval.knn.features, *c.eval.knn.report]))
-        res = evaluate_knn_sharded(self.method.eval_backbone(), self.sources["data.eval_train"],
+        res = evaluate_knn_sharded(full_copy(self.method.eval_backbone(), self.device), self.sources["data.eval_train"],
                                    self.sources["data.eval_test"], c.eval.knn.ks, c.eval.knn.temperature, kinds,
                                    c.data.eval_size or c.crops.global_size, self.device, c.eval.batch_size,
                                    min(c.data.num_workers, 2), c.crops.mean, c.crops.std,
@@ -185,7 +214,7 @@ class Trainer:
     def _step_context(self) -> str:
         """What :class:`NonFiniteLoss` says of the checkpoints."""
         if self.saved_step >= 0:
-            return f" and the last good checkpoint {self.ckpt_dir / 'last.pt'} (step {self.saved_step}) is untouched"
+            return f" and the last good checkpoint {self.last_path} (step {self.saved_step}) is untouched"
         return " and no checkpoint was written yet"
 
     def _head_warmup(self, report: dict | None = None) -> int:
@@ -280,7 +309,7 @@ class Trainer:
                 self._loader = None
                 if self.saved_step != self.step:
                     self.save()
-                raise RunInterrupted(stopped, self.step, str(self.ckpt_dir / "last.pt"))
+                raise RunInterrupted(stopped, self.step, str(self.last_path))
         bar.close()
         self._loader = None  # the data workers exit before the final evaluation
         train_minutes = (time.time() - t_start) / 60
@@ -288,8 +317,8 @@ class Trainer:
                              "train_minutes_this_session": round(train_minutes, 2)})
         # the trained model is on disk before any final evaluation, which then cannot lose it
         self.save(final=True)
+        bb = full_copy(self.method.eval_backbone(), self.device)  # gathered on every rank under FSDP
         if self.info.is_main:
-            bb = self.method.eval_backbone()
             export_backbone(bb, self.out,
                             extra={"crops": {"mean": c.crops.mean, "std": c.crops.std,
                                              "global_size": c.crops.global_size}, "source_run": str(self.out),
@@ -329,7 +358,7 @@ class Trainer:
                 lines.append(f"[fovea] k-NN {tag:5s} ({kind}): "
                              + ", ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
         lines += [f"[fovea] resolved config: {self.out / 'config.yaml'}",
-                  f"[fovea] checkpoint:      {self.ckpt_dir / 'last.pt'}",
+                  f"[fovea] checkpoint:      {self.last_path}",
                   f"[fovea] backbone:        {self.out / 'backbone.safetensors'}",
                   f"[fovea] metrics:         {self.out / 'metrics.jsonl'} (TensorBoard: {self.out / 'tensorboard'})",
                   f"[fovea] results:         {self.out / 'results.json'}"]

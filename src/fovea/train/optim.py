@@ -8,6 +8,7 @@ from torch import nn
 
 from fovea.config.schema import OptimConfig
 from fovea.core.schedules import pair
+from fovea.train.sharding import is_dtensor, local
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
@@ -94,22 +95,26 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str,
 
     ``per_param`` (DINO v1): each parameter's gradient norm to ``max_norm``. ``global``: the norm of all
     gradients together. ``per_module`` (DINOv2 / Franca): the norm of each group in ``modules`` (the
-    backbone, the DINO head, the iBOT head) separately, like ``clip_grad_norm_`` per sub-module.
+    backbone, the DINO head, the iBOT head) separately, like ``clip_grad_norm_`` per sub-module. Sharded
+    gradients (FSDP) are clipped by the norms of the whole tensors, summed over the shards.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return 0.0
-    norms = torch._foreach_norm(grads)
+    grads = [local(p.grad) for p in with_grad]  # type: ignore[arg-type]
+    norms = grad_norms([p.grad for p in with_grad])  # type: ignore[misc]
     total = torch.linalg.vector_norm(torch.stack(norms)).item()
     if max_norm <= 0:
         return total
     if mode == "global":
-        _clip_group(grads, max_norm)
+        _clip_group(grads, norms, max_norm)
     elif mode == "per_module":
         if modules is None:
             raise ValueError("clip mode per_module needs the parameter groups of the sub-modules")
+        index = {id(p): i for i, p in enumerate(with_grad)}
         for group in modules:
-            _clip_group([p.grad for p in group if p.grad is not None], max_norm)
+            at = [index[id(p)] for p in group if id(p) in index]
+            _clip_group([grads[i] for i in at], [norms[i] for i in at], max_norm)
     elif mode == "per_param":
         coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
         torch._foreach_mul_(grads, coefs)
@@ -118,11 +123,22 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float, mode: str,
     return total
 
 
-def _clip_group(grads: list[torch.Tensor], max_norm: float) -> None:
-    """Scale ``grads`` so that their joint norm is at most ``max_norm`` (coefficient max/(norm+1e-6))."""
+def grad_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each gradient; of each whole tensor for sharded ones (local squares summed over ranks)."""
+    if not any(is_dtensor(g) for g in grads):
+        return list(torch._foreach_norm(grads))
+    sq = torch.stack(torch._foreach_norm([local(g) for g in grads])).double() ** 2
+    group = next(g for g in grads if is_dtensor(g)).device_mesh.get_group()  # type: ignore[attr-defined]
+    torch.distributed.all_reduce(sq, group=group)
+    return list(sq.sqrt().float().unbind())
+
+
+def _clip_group(grads: list[torch.Tensor], norms: list[torch.Tensor], max_norm: float) -> None:
+    """Scale ``grads`` so that their joint norm (from their ``norms``) is at most ``max_norm``
+    (coefficient max/(norm+1e-6))."""
     if not grads:
         return
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     coef = max_norm / (float(norm) + 1e-6)
     if coef < 1:
         torch._foreach_mul_(grads, coef)

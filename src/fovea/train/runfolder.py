@@ -134,46 +134,73 @@ class RunLock:
 
 
 def step_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """``step_*.pt`` files of a run, newest (highest step) first."""
-    return sorted(ckpt_dir.glob("step_*.pt"), reverse=True)
+    """``step_*.pt`` files and ``step_*.dcp`` folders of a run, newest (highest step) first."""
+    return sorted([*ckpt_dir.glob("step_*.pt"), *ckpt_dir.glob("step_*.dcp")],
+                  key=lambda p: (p.stem, p.suffix == ".dcp"), reverse=True)
+
+
+def last_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The run's ``last`` checkpoints that exist: ``last.pt`` and ``last.dcp`` (or ``.last.dcp.old``, left by
+    a crash between the two renames of a sharded save)."""
+    dcp = ckpt_dir / "last.dcp"
+    old = ckpt_dir / ".last.dcp.old"
+    return [p for p in (ckpt_dir / "last.pt", dcp if dcp.exists() or not old.exists() else old) if p.exists()]
+
+
+def _read(path: Path) -> dict:
+    """A full checkpoint, or the run state (``meta.pt``) of a sharded one (``"format": "sharded"``)."""
+    if path.suffix == ".dcp" or path.name == ".last.dcp.old":
+        from fovea.train.ckptio import read_meta
+        return read_meta(path)
+    return load_checkpoint(path)
 
 
 def load_resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, Path | None]:
-    """The newest readable checkpoint: ``last.pt``, else the newest readable ``step_*.pt`` (with a warning
-    naming both files). Returns (None, None) when the run has no checkpoint yet.
+    """The newest readable checkpoint: the newer of ``last.pt`` and ``last.dcp``, else the newest readable
+    ``step_*`` one (with a warning naming both). Returns (None, None) when the run has no checkpoint yet. For a
+    sharded checkpoint the dict is its run state only (the weights are read by every rank, resharded).
 
     A truncated or damaged file is skipped; one that would execute code on load is refused at once
     (:class:`UnsafeCheckpointError`); when files exist but none is readable, :class:`CheckpointError`.
     """
-    last = ckpt_dir / "last.pt"
-    cands = ([last] if last.exists() else []) + step_checkpoints(ckpt_dir)
-    if not cands:
+    lasts, steps = last_checkpoints(ckpt_dir), step_checkpoints(ckpt_dir)
+    if not lasts and not steps:
         return None, None
     bad: list[str] = []
-    for path in cands:
-        try:
-            ckpt = load_checkpoint(path)
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as e:
-            bad.append(str(path))
-            warn(str(e))
-            continue
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
-            bad.append(str(path))
-            warn(f"{path} is not a fovea training checkpoint")
-            continue
-        if bad:
-            warn(f"{bad[0]} is unreadable: resuming from {path} (step {int(ckpt['step'])}) instead")
-        return ckpt, path
-    raise CheckpointError(f"no readable checkpoint in {ckpt_dir} (tried {', '.join(bad)}); delete them or "
-                          "start over with train.resume=false")
+    found: list[tuple[dict, Path]] = []
+    for group in (lasts, steps):
+        for path in group:
+            try:
+                ckpt = _read(path)
+            except UnsafeCheckpointError:
+                raise
+            except CheckpointError as e:
+                bad.append(str(path))
+                warn(str(e))
+                continue
+            if not isinstance(ckpt, dict) or "step" not in ckpt or ("model" not in ckpt and "format" not in ckpt):
+                bad.append(str(path))
+                warn(f"{path} is not a fovea training checkpoint")
+                continue
+            found.append((ckpt, path))
+            if group is steps:
+                break  # the newest readable step checkpoint
+        if found:
+            break
+    if not found:
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir} (tried {', '.join(bad)}); delete them or "
+                              "start over with train.resume=false")
+    ckpt, path = max(found, key=lambda f: int(f[0]["step"]))  # last.pt and last.dcp: the newer one
+    if bad:
+        warn(f"{bad[0]} is unreadable: resuming from {path} (step {int(ckpt['step'])}) instead")
+    return ckpt, path
 
 
 #: config keys (prefixes) that do not change the training trajectory: they may differ on resume
 FREE_KEYS = ("name", "description", "output_dir", "eval.", "data.eval_train", "data.eval_test", "data.eval_size",
              "data.num_workers", "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
-             "train.keep_checkpoints", "train.resume", "train.resume_force", "train.threads", "train.device")
+             "train.keep_checkpoints", "train.resume", "train.resume_force", "train.threads", "train.device",
+             "train.strategy", "train.checkpoint_format", "train.activation_checkpointing")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -186,18 +213,30 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+#: keys whose product with the world size is the global batch: they may change together with it
+LAYOUT_KEYS = ("data.batch_size", "train.accumulate")
+
+
+def global_batch(flat: dict[str, Any], world: int) -> int:
+    return int(flat.get("data.batch_size", 0) or 0) * world * int(flat.get("train.accumulate", 1) or 1)
+
+
 def trajectory_diff(old: dict, new: dict, old_world: int | None = None, new_world: int = 1) -> list[str]:
     """Lines ``key: old -> new`` for every key that changes the trajectory (all but :data:`FREE_KEYS`),
-    plus the world size when both are known. An old config's ``0 = auto`` values count as today's ``None``."""
+    plus the world size when both are known. The layout of the global batch (ranks x ``data.batch_size`` x
+    ``train.accumulate``) may change when the global batch stays the same. An old config's ``0 = auto``
+    values count as today's ``None``."""
     from fovea.config.loader import legacy_tree, to_dict
     a, b = flatten(legacy_tree(RunConfig, old)), flatten(legacy_tree(RunConfig, new))
     defaults = flatten(to_dict(RunConfig()))  # a key added since the old run was made ran as its default
+    a, b = {**defaults, **a}, {**defaults, **b}
+    same_batch = old_world is None or global_batch(a, old_world) == global_batch(b, new_world)
     out = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, defaults.get(key, "<absent>")), b.get(key, defaults.get(key, "<absent>"))
-        if key.startswith(FREE_KEYS) or va == vb:
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if key.startswith(FREE_KEYS) or va == vb or (key in LAYOUT_KEYS and same_batch and old_world is not None):
             continue
         out.append(f"{key}: {va!r} -> {vb!r}")
-    if old_world is not None and old_world != new_world:
+    if old_world is not None and old_world != new_world and not same_batch:
         out.append(f"world size (ranks): {old_world} -> {new_world}")
     return out

@@ -18,6 +18,7 @@ from fovea.methods.spec import MethodSpec, Schedule
 from fovea.train.init_from import backbone_scale
 from fovea.train.optim import apply_hparams, build_optimizer, clip_gradients
 from fovea.train.plan import method_schedule, step_values
+from fovea.train.sharding import apply_fsdp, reshard_all, resolve_strategy, set_gradient_sync
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -39,6 +40,7 @@ class Stepper:
     bf16: bool
     head_warmup: int = 0  # steps of the continued-pretraining head warm-up (fresh heads, frozen backbone)
     fp16: bool = False  # float16 autocast with a gradient scaler (train.precision=fp16)
+    fsdp: bool = False  # the method is sharded (train.strategy=fsdp)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.method.student.parameters() if p.requires_grad]
@@ -61,7 +63,9 @@ class Stepper:
         ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
         for i, micro in enumerate(split_batch(batch, n)):
             micro = {k: to_device(v, self.device) for k, v in micro.items()}
-            # DDP: all-reduce the gradients once, with the last micro-batch
+            if self.fsdp and n > 1:
+                set_gradient_sync(self.method.student, i == n - 1)
+            # DDP / FSDP: reduce the gradients once, with the last micro-batch
             with ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=torch.float16 if self.fp16 else torch.bfloat16,
                                     enabled=self.bf16 or self.fp16):
@@ -81,6 +85,8 @@ class Stepper:
             sums["amp_scale"] = float(self.scaler.get_scale())
         else:
             self.optimizer.step()
+        if self.fsdp:
+            reshard_all(self.method)  # the EMA and the snapshots work on the shards
         self.method.after_step(sv)
         sums.update({"grad_norm": gnorm, "lr": sv.lr, "wd": sv.weight_decay, **sv.sched})
         return sums
@@ -111,6 +117,10 @@ def build_stepper(cfg: RunConfig, plan: Plan, device: torch.device, info: DistIn
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         method = spec.build(cfg).to(device)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    info = info or DistInfo()
+    fsdp = resolve_strategy(cfg.train.strategy, info.world) == "fsdp"
+    if fsdp:
+        apply_fsdp(method, device, bf16)  # before the optimizer: it holds the sharded parameters
     from fovea.models.layers import Block
     blocks = [m for m in method.student.modules() if isinstance(m, Block)]
     for blk in blocks:
@@ -119,4 +129,4 @@ def build_stepper(cfg: RunConfig, plan: Plan, device: torch.device, info: DistIn
         for blk in blocks:
             blk.compile()  # per block: the same compiled code serves every crop size after a recompile or two
     return Stepper(cfg, spec, method, build_optimizer(method.student, cfg.optim), plan, method_schedule(cfg, plan),
-                   device, info or DistInfo(), bf16, fp16=cfg.train.precision == "fp16")
+                   device, info, bf16, fp16=cfg.train.precision == "fp16", fsdp=fsdp)
