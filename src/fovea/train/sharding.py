@@ -25,11 +25,13 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def resolve_strategy(strategy: str, world: int) -> str:
-    """``none`` (one process), ``ddp`` or ``fsdp``: ``auto`` is DDP under torchrun, nothing on one process."""
+    """``none`` (one process), ``ddp`` or ``fsdp``: ``auto`` is DDP under torchrun, nothing on one process
+    (FSDP over a process group of one rank when one was set up by the caller)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"train.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     if world == 1:
-        return "none"
+        pg = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return "fsdp" if strategy == "fsdp" and pg else "none"
     return "ddp" if strategy == "auto" else strategy
 
 

@@ -286,3 +286,17 @@ def test_auto_prototypes_and_momentum_rules() -> None:
     assert trajectory_diff(legacy, to_dict(cfg)) == []
     changed = load_config(None, ["data.batch_size=100", "optim.epochs=2", "gram.enabled=true"])
     assert trajectory_diff(legacy, to_dict(changed)) == ["gram.enabled: False -> True"]
+
+
+def test_trajectory_diff_allows_another_layout_of_the_same_global_batch() -> None:
+    from fovea.config.loader import to_dict
+    from fovea.train.runfolder import trajectory_diff
+    two = to_dict(load_config(None, ["data.batch_size=4"]))
+    acc = to_dict(load_config(None, ["data.batch_size=4", "train.accumulate=2", "train.strategy=fsdp"]))
+    eight = to_dict(load_config(None, ["data.batch_size=8"]))
+    assert trajectory_diff(two, acc, 2, 1) == []  # 2 ranks x 4 -> 1 process x 4 x 2 accumulated
+    assert trajectory_diff(two, eight, 2, 1) == []  # -> 1 process x 8
+    assert trajectory_diff(acc, two, 1, 2) == []  # and back
+    assert trajectory_diff(two, two, 2, 1) == ["world size (ranks): 2 -> 1"]  # half the global batch
+    assert trajectory_diff(two, acc, 1, 1) == ["train.accumulate: 1 -> 2"]
+    assert trajectory_diff(two, eight, None, 1) == ["data.batch_size: 4 -> 8"]  # world unknown: no layout rule
