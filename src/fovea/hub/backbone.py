@@ -62,7 +62,7 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[VisionTrans
         model = _vit_from_dict(meta["model"])
         model.load_state_dict(load_file(str(p)))
         return model.eval(), meta
-    from fovea.hub.released import IMAGENET_MEAN, IMAGENET_STD, read_file, read_released
+    from fovea.hub.released import IMAGENET_MEAN, IMAGENET_STD, read_released
     ckpt = read_checkpoint(p)
     if not (isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt):  # a released file: import it
         imp = read_released(p, which=which)
