@@ -57,6 +57,8 @@ class Trainer:
         self.lock = RunLock(self.out)
         self.stop = StopRequest().install()  # from here SIGTERM / SIGINT only ask the run to stop
         self.saved_step = -1  # step of the newest checkpoint written or resumed from
+        self.t_start, self.eval_seconds, self.imgs_seen = 0.0, 0.0, 0  # this session's training clock
+        self.next_mark, self.mark_due, self.out_of_time = 0, False, False  # eval.at_minutes, train.max_minutes
         try:
             resume_path = main_decides(self.info, self._claim_folder)
             self._build(resume_path)
@@ -237,13 +239,34 @@ class Trainer:
             self.lock.release()
 
     def _stop_requested(self) -> int:
-        """The signal that asked this run to stop (0: none), agreed over ranks."""
-        sig = self.stop.signum
+        """The signal that asked this run to stop (0: none), agreed over ranks. Also agrees on the main rank's
+        clock: whether a k-NN mark of ``eval.at_minutes`` (``self.mark_due``) or ``train.max_minutes``
+        (``self.out_of_time``) has passed."""
+        minutes = self._train_minutes() if self.info.is_main else 0.0
+        marks = self.cfg.eval.at_minutes
+        due = int(self.next_mark < len(marks) and minutes >= sorted(marks)[self.next_mark])
+        late = int(self.cfg.train.max_minutes > 0 and minutes >= self.cfg.train.max_minutes)
+        flags = [self.stop.signum, due, late]
         if self.info.world > 1:
-            t = torch.tensor([sig], dtype=torch.int64, device=self.info.device)
+            t = torch.tensor(flags, dtype=torch.int64, device=self.info.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            sig = int(t)
-        return sig
+            flags = [int(v) for v in t.tolist()]
+        self.mark_due, self.out_of_time = bool(flags[1]), bool(flags[2])
+        return flags[0]
+
+    def _train_minutes(self) -> float:
+        """Minutes of training in this session, evaluations excluded."""
+        return (time.time() - self.t_start - self.eval_seconds) / 60 if self.t_start else 0.0
+
+    def _timed_knn(self, tag: str) -> None:
+        """A k-NN during training whose time does not count as training time."""
+        t0 = time.time()
+        res = self.knn(tag)
+        self.eval_seconds += time.time() - t0
+        if res is not None and self.info.is_main:
+            res["train_minutes"] = round(self._train_minutes(), 3)
+            res["images_per_s"] = round(self.imgs_seen / max(self._train_minutes() * 60, 1e-9), 2)
+        self.method.train()
 
     def _fit(self) -> dict:
         """Train to ``plan.total_steps`` (resuming if a checkpoint exists); returns the results."""
@@ -255,7 +278,11 @@ class Trainer:
                   f"{step_batch(c) * self.info.world}"
                   + (f" ({c.data.batch_size} x {self.info.world} ranks x {c.train.accumulate} accumulated)"
                      if c.train.accumulate > 1 else "")
-                  + f", device {self.device}, ranks {self.info.world}", flush=True)
+                  + f", device {self.device}, ranks {self.info.world}"
+                  + (f" ({self.strategy.upper()})" if self.strategy != "none" else ""), flush=True)
+            if c.train.strategy == "fsdp" and self.strategy == "none":
+                print("[fovea] train.strategy=fsdp on one process: nothing to shard, the model stays whole "
+                      "(launch with torchrun to shard it)", flush=True)
         if main_decides(self.info, lambda: self.step == 0 and c.eval.at_start and "start" not in self.results["knn"]
                         and not self.stop.signum):  # decided once for all ranks: each takes part in the k-NN
             self.knn("start")
@@ -263,6 +290,7 @@ class Trainer:
         bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (c.train.progress and self.info.is_main))
         t_start, n_imgs, t_last = time.time(), 0, time.time()
+        self.t_start, self.eval_seconds, self.imgs_seen = t_start, 0.0, 0
         while self.step < plan.total_steps:
             epoch, pos = divmod(self.step, plan.steps_per_epoch)
             phase = self.spec.phase(c, plan, self.step)  # e.g. the high-res phase's crops; schedules run on
@@ -284,6 +312,7 @@ class Trainer:
                 logs = self.stepper.step(batch, sv, self._step_context)
                 self.step += 1
                 n_imgs += step_batch(c) * self.info.world
+                self.imgs_seen += step_batch(c) * self.info.world
                 bar.update(1)
                 if self.step % c.train.log_every_steps == 0 or self.step == plan.total_steps:
                     logs = all_reduce_mean(logs, self.info)
@@ -299,9 +328,15 @@ class Trainer:
                 if self.step % plan.checkpoint_every == 0 and self.step < plan.total_steps:
                     self.save()
                 if plan.eval_every and self.step % plan.eval_every == 0 and self.step < plan.total_steps:
-                    self.knn(f"step{self.step}")
-                    self.method.train()
+                    self._timed_knn(f"step{self.step}")
                 stopped = self._stop_requested()
+                while self.mark_due and self.step < plan.total_steps:  # eval.at_minutes (agreed over ranks)
+                    mark = sorted(c.eval.at_minutes)[self.next_mark]
+                    self.next_mark += 1
+                    self._timed_knn(f"min{mark:g}")
+                    stopped = self._stop_requested()
+                if self.out_of_time:
+                    break  # train.max_minutes: the end of this session's training
                 if stopped or self.step >= plan.total_steps or self.spec.phase(c, plan, self.step) != phase:
                     break  # stop request, end, or a new data phase (a new loader, e.g. new crop sizes)
             if stopped:
@@ -310,13 +345,19 @@ class Trainer:
                 if self.saved_step != self.step:
                     self.save()
                 raise RunInterrupted(stopped, self.step, str(self.last_path))
+            if self.out_of_time:
+                if self.info.is_main:
+                    print(f"[fovea] train.max_minutes={c.train.max_minutes:g} reached at step {self.step}/"
+                          f"{plan.total_steps}: ending here (the same command resumes)", flush=True)
+                self.results["stopped"] = {"reason": "train.max_minutes", "step": self.step}
+                break
         bar.close()
         self._loader = None  # the data workers exit before the final evaluation
         train_minutes = (time.time() - t_start) / 60
         self.results.update({"steps": self.step, "skipped_images": self.skipped,
                              "train_minutes_this_session": round(train_minutes, 2)})
         # the trained model is on disk before any final evaluation, which then cannot lose it
-        self.save(final=True)
+        self.save(final=self.step >= plan.total_steps)
         bb = full_copy(self.method.eval_backbone(), self.device)  # gathered on every rank under FSDP
         if self.info.is_main:
             export_backbone(bb, self.out,

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Quality per CPU-minute: k-NN of a preset, as shipped, at wall-clock marks of its training.
+
+For every PRESET, runs ``fovea train PRESET`` with ``eval.at_minutes=MARKS`` (a k-NN, k = 20 on the preset's
+full evaluation sets, each time the training time of the run, evaluations excluded, passes a mark) and
+``train.max_minutes=max(MARKS)``; a preset whose schedule ends sooner contributes its end point. Records
+(minutes, step, images/s, k-NN) per point, the raw-pixel k-NN of the same evaluation sets (mean-centred
+pixels at the evaluation size, k = 20, T = 0.07) as the baseline, and writes ``OUT/quality_curve.json`` and
+``OUT/quality_curve.png``. Results of earlier invocations in OUT are kept (one entry per run name).
+
+Examples::
+
+    python benchmarks/quality_curve.py dino_vittiny_fmnist --minutes 5,10
+    python benchmarks/quality_curve.py dino_vittiny_cifar10 franca_vittiny_cifar10 --minutes 5,10,25
+    python benchmarks/quality_curve.py dino_vittiny_cifar10 --minutes 25 --nproc 2 --name dino_2ranks
+    python benchmarks/quality_curve.py dino_vittiny_cifar10 --minutes 25 --set model.patch_size=8 --name p8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raw_pixel_knn(preset: str, overrides: list[str], k: int = 20, temperature: float = 0.07) -> dict[str, Any]:
+    """k-NN top-1 (%) of mean-centred raw pixels on the preset's evaluation sets (its bank and test set)."""
+    from fovea.config.loader import load_config
+    from fovea.data.loader import EvalDataset, make_eval_loader
+    from fovea.data.sources import build_source
+    from fovea.eval.knn import knn_accuracy
+    cfg = load_config(preset, overrides)
+    if cfg.data.eval_train is None or cfg.data.eval_test is None:
+        raise SystemExit(f"{preset}: no evaluation sets (data.eval_train / data.eval_test)")
+    size = cfg.data.eval_size or cfg.crops.global_size
+
+    def pixels(src_cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        src = build_source(src_cfg)
+        xs, ys = [], []
+        for b in make_eval_loader(EvalDataset(src, size), 512, 0):
+            xs.append(b["images"].flatten(1).float())
+            ys.append(b["labels"])
+        return torch.cat(xs), torch.cat(ys)
+
+    t0 = time.time()
+    (xtr, ytr), (xte, yte) = pixels(cfg.data.eval_train), pixels(cfg.data.eval_test)
+    mean = xtr.mean(0, keepdim=True)
+    acc = knn_accuracy(xtr - mean, ytr, xte - mean, yte, [k], temperature)[k]
+    return {"knn": round(acc, 2), "n_train": len(ytr), "n_test": len(yte), "size": size,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def train(preset: str, out: Path, marks: list[float], overrides: list[str], nproc: int) -> dict[str, Any]:
+    args = [preset, f"output_dir={out}", "train.resume=false", f"eval.at_minutes=[{','.join(f'{m:g}' for m in marks)}]",
+            f"train.max_minutes={max(marks):g}", "eval.at_start=true", "eval.at_end=true", "eval.knn.ks=[20]",
+            *overrides]
+    env = {**os.environ}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=29633",
+               "-m", "fovea", "train", *args, "train.threads=1"]
+        env["OMP_NUM_THREADS"] = "1"
+    else:
+        cmd = [sys.executable, "-m", "fovea", "train", *args]
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    wall = time.time() - t0
+    res = json.loads((out / "results.json").read_text())
+    cfg = __import__("yaml").safe_load((out / "config.yaml").read_text())
+    kind = cfg["eval"]["knn"]["features"]
+    points = []
+    for tag, r in res["knn"].items():
+        feats = r["features"].get(kind) or r["features"].get("mean_patch")
+        minutes = 0.0 if tag == "start" else r.get("train_minutes", res.get("train_minutes_this_session"))
+        points.append({"tag": tag, "minutes": minutes, "step": r["step"], "knn": round(feats["k=20"], 2),
+                       "images_per_s": r.get("images_per_s")})
+    points.sort(key=lambda p: (p["minutes"], p["step"]))
+    ends = res.get("stopped", {}).get("reason") or "end of the schedule"
+    return {"preset": preset, "overrides": overrides, "nproc": nproc, "feature": kind, "points": points,
+            "steps": res["steps"], "ended_by": ends, "wall_minutes": round(wall / 60, 2),
+            "train_minutes": res.get("train_minutes_this_session")}
+
+
+def plot(results: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
+    from fovea.eval.chart import line_chart
+    series = {name: ([p["minutes"] for p in r["points"]], [p["knn"] for p in r["points"]]) for name, r in results.items()}
+    line_chart(series, path, title="k-NN per training minute (2-core CPU)", xlabel="training minutes (evaluations excluded)",
+               ylabel="k-NN top-1 (%), k = 20", hlines={f"raw pixels {ds}": b["knn"] for ds, b in raw.items()})
+
+
+def dataset_of(preset: str, overrides: list[str]) -> str:
+    from fovea.config.loader import load_config
+    cfg = load_config(preset, overrides)
+    t = cfg.data.eval_test
+    return f"{t.kind}:{Path(t.path).parent.name if t.path else t.split}" if t is not None else "none"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("presets", nargs="+", help="preset names or config files")
+    ap.add_argument("--minutes", default="5,10,25,60", help="wall-clock marks of training, comma separated")
+    ap.add_argument("--out", default="runs/quality_curve", help="folder of the runs, the JSON and the plot")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every preset (repeatable)")
+    ap.add_argument("--nproc", type=int, default=1, help="torchrun ranks (CPU: 1 thread each)")
+    ap.add_argument("--name", default="", help="entry name (default: the preset name)")
+    a = ap.parse_args(argv)
+    marks = sorted(float(m) for m in a.minutes.split(",") if m.strip())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "quality_curve.json"
+    data = json.loads(store.read_text()) if store.exists() else {"runs": {}, "raw_pixels": {}}
+    for preset in a.presets:
+        name = a.name or Path(preset).stem
+        ds = dataset_of(preset, a.overrides)
+        if ds not in data["raw_pixels"]:
+            data["raw_pixels"][ds] = raw_pixel_knn(preset, a.overrides)
+            print(f"raw pixels {ds}: {data['raw_pixels'][ds]}", flush=True)
+        r = train(preset, out / name, marks, a.overrides, a.nproc)
+        r["dataset"] = ds
+        r["marks"] = marks
+        data["runs"][name] = r
+        store.write_text(json.dumps(data, indent=2))
+    plot(data["runs"], data["raw_pixels"], out / "quality_curve.png")
+    print(f"\n{'run':28s} {'dataset':22s} " + " ".join(f"{'min ' + format(m, 'g'):>8s}" for m in marks)
+          + f" {'end':>14s} {'raw px':>7s} {'img/s':>7s}")
+    for name, r in data["runs"].items():
+        by = {p["tag"]: p for p in r["points"]}
+        cells = [f"{by[f'min{m:g}']['knn']:8.2f}" if f"min{m:g}" in by else f"{'-':>8s}" for m in r["marks"]]
+        end = by.get("end", r["points"][-1])
+        ips = [p["images_per_s"] for p in r["points"] if p.get("images_per_s")]
+        print(f"{name:28s} {r['dataset']:22s} " + " ".join(cells) + f" {end['knn']:6.2f}@{end['minutes']:5.1f}m"
+              f" {data['raw_pixels'][r['dataset']]['knn']:7.2f} {(ips[-1] if ips else float('nan')):7.1f}")
+    print(f"\nwrote {store} and {out / 'quality_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
