@@ -182,6 +182,7 @@ class EvalConfig:
     every_epochs: float = 0.0  # 0 = only at the end
     every_steps: int = 0  # > 0: k-NN every N steps (overrides every_epochs)
     at_end: bool = True  # k-NN after the last step
+    at_minutes: list[float] = field(default_factory=list)  # k-NN when the training time of this session (evaluations excluded) passes each of these minutes (quality per CPU-minute)
     batch_size: int = 256  # feature-extraction batch size
     final: list[str] = field(default_factory=list)  # `fovea eval all` protocols run after training (knn, linear, logreg, fewshot, pictures); report in RUN/eval
 
@@ -197,6 +198,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each student block (the first steps compile; little gain on CPU)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks: ddp (replicated weights, the auto choice) | fsdp (FSDP2: parameters, gradients and optimizer state sharded per block and head)
     checkpoint_format: Literal["auto", "full", "sharded"] = "auto"  # full: one last.pt written by rank 0 | sharded: torch.distributed.checkpoint folder last.dcp, each rank writes its shards (auto: sharded under fsdp); either resumes on any world size
+    max_minutes: float = 0.0  # > 0: end the training after this many minutes of it in this session (evaluations excluded): checkpoint, export and the end evaluations as after the last step; the run resumes where it stopped
     accumulate: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation): global batch = batch x ranks x accumulate
     checkpoint_every_steps: int | None = field(default=None, metadata={"auto": True})  # null = once per epoch
     keep_checkpoints: int = 1  # number of step checkpoints kept besides last.pt
