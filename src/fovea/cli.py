@@ -284,7 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fovea`` console script."""
+    """Entry point of the ``fovea`` console script.
+
+    A ``torchrun`` rank ends with ``os._exit`` after its output is flushed: the process group is already
+    destroyed, and gloo's threads could otherwise abort the interpreter's own exit ("terminate called without
+    an active exception"), turning a finished run into a failed rank."""
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fovea.train.runfolder import RunFolderBusy
     from fovea.train.signals import RunInterrupted
