@@ -16,12 +16,14 @@ Examples::
     python benchmarks/train_throughput.py dino_vittiny_fmnist --steps 2 --warmup 1 model.depth=2
     python benchmarks/train_throughput.py --compare data.batch_size=32,64,128 --steps 3
     python benchmarks/train_throughput.py my_run.yaml --device cuda --real-data
+    python benchmarks/train_throughput.py dino_vittiny_cifar10 --augment-compare   # per_image vs batched
 
 See benchmarks/README.md for the meaning of every reported figure.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -238,6 +240,22 @@ def dataset_size(cfg: RunConfig, args: argparse.Namespace) -> tuple[int, str]:
     return cfg.data.batch_size * NOMINAL_STEPS_PER_EPOCH, "nominal"
 
 
+def synthetic_canvas(cfg: RunConfig) -> tuple[int, str]:
+    """Canvas side of the synthetic batches with ``crops.augment=batched``, and where it came from:
+    ``crops.canvas``; else the training data's auto value (``data.train`` probed, as in training); else, when
+    ``data.train`` cannot be opened, the global crop size."""
+    if cfg.crops.canvas:
+        return cfg.crops.canvas, "crops.canvas"
+    try:
+        from fovea.data.sources import build_source
+        from fovea.methods.dino_spec import batched_canvas
+        return batched_canvas(cfg, build_source(cfg.data.train)), "auto (data.train)"
+    except Exception as e:  # noqa: BLE001
+        print(f"[bench] cannot open data.train for the canvas size ({type(e).__name__}: {e}); using "
+              f"crops.global_size={cfg.crops.global_size}; pass crops.canvas=N to choose", flush=True)
+        return cfg.crops.global_size, "crops.global_size"
+
+
 def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak: dict[str, Any]
             ) -> dict[str, Any]:
     """Build, warm up, count FLOPs and time ``args.steps`` training steps of ``cfg``."""
@@ -272,10 +290,16 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
                     return next(state["it"])
                 except StopIteration:
                     state["it"], state["epoch"] = None, state["epoch"] + 1
+        canvas = (getattr(dataset, "canvas", 0), "data.train") if t.augment is not None else None
     else:
         plan = make_plan(cfg, n_images, 1)
         t = make_stepper(cfg, plan, device)
         res_n_images = (n_images, n_images_from)
+        canvas = None
+        if t.augment is not None:  # crops.augment=batched: canvases, cropped inside the timed step
+            canvas = synthetic_canvas(cfg)
+            cfg = copy.deepcopy(cfg)
+            cfg.crops.canvas = canvas[0]
         synthetic = t.spec.synthetic_batch(cfg, device)  # made once, already on the device
 
         def next_batch() -> dict:
@@ -335,6 +359,8 @@ def run_one(cfg: RunConfig, args: argparse.Namespace, device: torch.device, peak
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "precision": "bf16" if t.bf16 else "fp32",
         "data": "real" if real else "synthetic",
+        "augment": "batched" if t.augment is not None else "per_image",
+        **({"canvas": {"side": canvas[0], "from": canvas[1]}} if canvas is not None else {}),
         "model": {"arch": cfg.model.arch, "embed_dim": d, "depth": depth, "num_heads": heads, "mlp_hidden": hid,
                   "patch_size": cfg.model.patch_size, "registers": cfg.model.num_register_tokens,
                   "head": {"out_dim": cfg.dino.out_dim, "hidden_dim": cfg.dino.hidden_dim,
@@ -397,6 +423,9 @@ def print_table(r: dict[str, Any]) -> None:
         ("device", f"{r['device']} - {r['device_name']}"),
         ("torch / threads / precision", f"{r['torch']} / {r['threads']} / {r['precision']}"),
         ("data", r["data"]),
+        ("augment", r.get("augment", "per_image") + (
+            f" (on the device inside the step; {r['canvas']['side']}-px canvas, {r['canvas']['from']})"
+            if "canvas" in r else " (in the loader)" if r["data"] == "real" else " (crops made once)")),
         ("model", f"{r['model']['arch']} D={r['model']['embed_dim']} depth={r['model']['depth']} "
                   f"heads={r['model']['num_heads']} patch={r['model']['patch_size']}, "
                   + (f"predictor {r['model']['predictor']}" if "predictor" in r["model"]
@@ -459,6 +488,34 @@ def print_compare(key: str, runs: list[tuple[str, dict[str, Any]]]) -> None:
               f"{r['flops_per_step'] / 1e9:10.2f}  {r['gflops']:8.1f}  {frac:>6}  {r['peak_memory']['mib']:9.1f}")
 
 
+AUGMENT_MODES = ("per_image", "batched")
+
+
+def print_augment_compare(rows: list[dict[str, Any]]) -> None:
+    """One row per ``crops.augment`` mode: step-only (synthetic) and loop (real data) images/s."""
+    head = (f"{'crops.augment':>13}  {'step-only img/s':>15}  {'step ms':>8}  {'loop img/s':>10}  "
+            f"{'step (real) img/s':>17}  {'data wait ms':>12}  {'workers':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def f(v: float | None, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+        print(f"{r['augment']:>13}  {f(r['step_only_images_per_s'], '15.1f')}  {f(r['step_only_ms'], '8.1f')}  "
+              f"{f(r['loop_images_per_s'], '10.1f')}  {f(r['loop_step_images_per_s'], '17.1f')}  "
+              f"{f(r['loop_data_wait_ms'], '12.1f')}  {r['num_workers']!s:>7}")
+
+
+def augment_compare_row(mode: str, synthetic: dict[str, Any] | None, real: dict[str, Any] | None) -> dict[str, Any]:
+    return {"augment": mode,
+            "step_only_images_per_s": synthetic["images_per_s"] if synthetic else None,
+            "step_only_ms": synthetic["step_time_s"]["mean"] * 1e3 if synthetic else None,
+            "loop_images_per_s": real["images_per_s_with_data"] if real else None,
+            "loop_step_images_per_s": real["images_per_s"] if real else None,
+            "loop_data_wait_ms": real["data_wait_s_mean"] * 1e3 if real else None,
+            "num_workers": real["num_workers"] if real else None,
+            "canvas": (synthetic or real or {}).get("canvas")}
+
+
 # ============================================================================ CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -490,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "report the data-inclusive images/s")
     p.add_argument("--compare", default=None, metavar="KEY=V1,V2,...",
                    help="repeat the measurement for each value of one config key and print a row per value")
+    p.add_argument("--augment-compare", action="store_true",
+                   help="measure crops.augment=per_image and crops.augment=batched, each step-only (synthetic "
+                        "batches: crops, or canvases cropped inside the step) and in the loop (--real-data: "
+                        "data.train through the loader): 4 runs, one table, one JSON file")
     p.add_argument("--start-step", type=int, default=None,
                    help="schedule step of the first warm-up step (lr, wd, momentum, teacher temperature); "
                         "default: the first step after the freeze-last-layer phase")
@@ -518,6 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.compare is not None and ("=" not in args.compare or not args.compare.split("=", 1)[1]):
         p.error("--compare must look like key.sub=V1,V2")
+    if args.augment_compare and args.compare is not None:
+        p.error("--augment-compare and --compare cannot be combined")
     return args
 
 
@@ -535,11 +598,13 @@ def _split_values(text: str) -> list[str]:
     return out + [cur]
 
 
-def default_json(preset: str, device: torch.device, compare: str | None) -> Path:
+def default_json(preset: str, device: torch.device, compare: str | None, augment_compare: bool = False) -> Path:
     stem = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
     name = f"train_throughput_{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}_{device.type}"
     if compare:
         name += "_compare_" + re.sub(r"[^A-Za-z0-9_.-]", "_", compare.split("=", 1)[0])
+    if augment_compare:
+        name += "_augment"
     return RESULTS_DIR / f"{name}.json"
 
 
@@ -551,6 +616,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compare:
         key, vals = args.compare.split("=", 1)
         variants = [(v, overrides + [f"{key}={v}"]) for v in _split_values(vals)]
+    if args.augment_compare:  # each mode twice: step-only (synthetic), then the loop (real data)
+        variants = [(f"{m}/{d}", overrides + [f"crops.augment={m}"]) for m in AUGMENT_MODES
+                    for d in ("synthetic", "real")]
     cfgs = [(v, ov, load_config(args.preset, ov)) for v, ov in variants]  # fail on bad keys before any work
     device = resolve_device(args.device)
     if cfgs[0][2].train.threads:
@@ -566,15 +634,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = []
     for v, ov, cfg in cfgs:
         args.all_overrides = ov
-        label = f" [{args.compare.split('=', 1)[0]}={v}]" if v is not None else ""
+        run_args = args
+        if args.augment_compare:  # v = "<mode>/<synthetic|real>"
+            run_args = argparse.Namespace(**{**vars(args), "synthetic": str(v).endswith("/synthetic")})
+            label = f" [crops.augment={str(v).split('/')[0]}]"
+        else:
+            label = f" [{args.compare.split('=', 1)[0]}={v}]" if args.compare and v is not None else ""
         fc_step = "" if args.no_flop_counter else " + 1 FLOP-count"
         print(f"[bench] {cfg.name}{label}: {args.warmup} warm-up{fc_step} + {args.steps} timed steps, "
-              f"batch {cfg.data.batch_size}, {'real' if not args.synthetic else 'synthetic'} data", flush=True)
-        r = run_one(cfg, args, device, peak)
+              f"batch {cfg.data.batch_size}, {'real' if not run_args.synthetic else 'synthetic'} data", flush=True)
+        r = run_one(cfg, run_args, device, peak)
         print_table(r)
         runs.append((v, r))
 
-    if args.compare:
+    if args.augment_compare:
+        by = {str(v): r for v, r in runs}
+        rows = [augment_compare_row(m, by.get(f"{m}/synthetic"), by.get(f"{m}/real")) for m in AUGMENT_MODES]
+        print()
+        print_augment_compare(rows)
+        out = {"augment_compare": rows, "matmul_peak": peak,
+               "runs": {str(v): r for v, r in runs}}
+    elif args.compare:
         print()
         print_compare(args.compare.split("=", 1)[0], [(str(v), r) for v, r in runs])
         out: dict[str, Any] = {"compare": args.compare.split("=", 1)[0], "values": [v for v, _ in runs],
@@ -583,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = runs[0][1]
     out["command"] = " ".join(["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])])
     if (args.json or "").lower() != "none":
-        path = Path(args.json) if args.json else default_json(args.preset, device, args.compare)
+        path = Path(args.json) if args.json else default_json(args.preset, device, args.compare, args.augment_compare)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
         print(f"[bench] wrote {path}", flush=True)

@@ -1,4 +1,5 @@
-"""Multi-crop augmentation (METHODS.md section 0) with albumentations.
+"""Multi-crop augmentation (METHODS.md section 0) with albumentations (``crops.augment=per_image``; the
+batched torch version of the same recipe is :mod:`fovea.data.batch_augment`).
 
 Every sample's crops are a pure function of (seed, epoch, index): each crop pipeline is
 re-seeded per sample, so a resumed run or a run split over several ranks sees exactly the
@@ -41,6 +42,8 @@ class CropsConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation mean (RGB)
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # normalisation std (RGB)
     interpolation: Literal["bicubic", "bilinear", "area"] = "bicubic"  # bicubic | bilinear | area
+    augment: Literal["per_image", "batched"] = "per_image"  # per_image (albumentations in the loader workers) | batched (the loader only decodes; the same recipe on whole batches on the training device, plain torch; DINO family, I-JEPA stays per image)
+    canvas: int = 0  # augment=batched: side of the square uint8 canvas the loader sends (larger images downscaled to fit, smaller ones zero padded, never upscaled); 0 = auto: the longest side of 16 probed images, at most 2 x global_size (or the Gram crop size when larger)
 
     def effective_blur_p(self) -> list[float]:
         """Blur probabilities actually used for (global 1, global 2, locals)."""

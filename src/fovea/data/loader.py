@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from typing import Callable, Iterator, Sized, cast
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -77,6 +78,75 @@ class MultiCropDataset(Dataset):
         s = sample_seed(self.seed, epoch, index)
         masks = torch.from_numpy(self.masker(s, 2)) if self.masker is not None else None
         return self.transform(img, s), skipped, masks
+
+
+def to_canvas(img: np.ndarray, canvas: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """HxWx3 uint8 -> (uint8 [3, canvas, canvas], (h, w)): an image larger than the canvas is downscaled to fit
+    (aspect ratio kept, cv2 INTER_AREA), a smaller one is not upscaled; either is placed top-left, the rest
+    zero padded; (h, w) is its size on the canvas."""
+    h, w = img.shape[:2]
+    if max(h, w) > canvas:
+        r = canvas / max(h, w)
+        h, w = min(canvas, max(1, round(h * r))), min(canvas, max(1, round(w * r)))
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    out = np.zeros((3, canvas, canvas), dtype=np.uint8)
+    out[:, :h, :w] = img.transpose(2, 0, 1)
+    return out, (h, w)
+
+
+def auto_canvas(source: ImageSource, cap: int, n: int = 16) -> int:
+    """``crops.canvas=0``: the longest side among up to ``n`` images decoded at evenly spread indices (the
+    same ones on every rank and at every resume), at most ``cap``; ``cap`` when none decodes. Fixed-size
+    sets (CIFAR-10 32 px, Fashion-MNIST 28 px) get their own size; large or varied images get ``cap``."""
+    total = len(source)
+    longest = 0
+    for i in np.unique(np.linspace(0, max(total - 1, 0), num=max(1, min(n, total))).round()).astype(np.int64):
+        img = source.load(int(i)) if total else None
+        if img is not None:
+            longest = max(longest, int(max(img.shape[:2])))
+    return min(cap, longest) if longest else cap
+
+
+class CanvasDataset(Dataset):
+    """Item key (epoch, index) -> (uint8 [3, C, C] image on the canvas, (h, w), (epoch, index), skipped, masks).
+
+    The data side of ``crops.augment=batched``: the image is only decoded and put on the canvas (see
+    :func:`to_canvas`); :class:`~fovea.data.batch_augment.BatchedMultiCrop` crops it on the training device.
+    The iBOT ``masker``'s masks are drawn exactly as :class:`MultiCropDataset` draws them.
+    """
+
+    def __init__(self, source: ImageSource, canvas: int, seed: int, masker: BlockMasker | None = None) -> None:
+        self.source, self.canvas, self.seed, self.masker = source, canvas, seed, masker
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], int,
+                                                         torch.Tensor | None]:
+        epoch, index = key
+        img, _, skipped = fetch_with_replacement(self.source, index)
+        masks = torch.from_numpy(self.masker(sample_seed(self.seed, epoch, index), 2)) if self.masker is not None \
+            else None
+        out, size = to_canvas(img, self.canvas)
+        return torch.from_numpy(out), size, (int(epoch), int(index)), skipped, masks
+
+
+class CanvasCollate:
+    """Items of :class:`CanvasDataset` -> {"images": uint8 [B,3,C,C], "sizes": int64 [B,2] (h, w),
+    "keys": int64 [B,2] (epoch, index), "skipped": int, "phase": the data phase}, plus "masks" as
+    :func:`collate_multicrop` lays them out (bool [2B, Np]) when the items hold masks."""
+
+    def __init__(self, phase: str = "") -> None:
+        self.phase = phase
+
+    def __call__(self, items: list[tuple]) -> dict:
+        out: dict = {"images": torch.stack([it[0] for it in items]),
+                     "sizes": torch.tensor([it[1] for it in items], dtype=torch.int64),
+                     "keys": torch.tensor([it[2] for it in items], dtype=torch.int64),
+                     "skipped": sum(it[3] for it in items), "phase": self.phase}
+        if items[0][4] is not None:
+            out["masks"] = torch.stack([it[4] for it in items]).transpose(0, 1).reshape(-1, items[0][4].shape[-1])
+        return out
 
 
 class EvalDataset(Dataset):

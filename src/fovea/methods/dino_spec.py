@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from fovea.config.schema import RunConfig
 from fovea.core.plan import Plan
 from fovea.core.schedules import linear_warmup_constant, pair
+from fovea.data.augment import CropsConfig
 from fovea.data.base import ImageSource
 from fovea.methods.base import ema_schedule_value, resolve_momentum
 from fovea.methods.dino import DINO
@@ -66,23 +67,55 @@ def schedule(cfg: RunConfig, plan: Plan) -> Schedule:
     return at
 
 
-def train_data(cfg: RunConfig, source: ImageSource, phase: str = "") -> tuple[Dataset, Callable[[list], dict]]:
-    """Multi-crop views (+ iBOT block masks of the global crops; + the Gram teacher's larger global crops),
-    batch ``{"crops": [...], "masks"?}``; phase ``highres`` uses the high-resolution phase's crop sizes."""
-    from fovea.data.augment import MultiCrop
-    from fovea.data.loader import MultiCropDataset, collate_multicrop
-    from fovea.masking.block import BlockMasker
+def phase_crops(cfg: RunConfig, phase: str = "") -> tuple[CropsConfig, int]:
+    """The crops section of a data phase (``highres``: the high-resolution phase's crop sizes) and the size of
+    the Gram teacher's own global crops (0: none)."""
     crops = copy.deepcopy(cfg.crops)
     if phase == "highres":
         crops.global_size = cfg.highres.global_size or crops.global_size
         crops.local_size = cfg.highres.local_size or crops.local_size
+    return crops, gram_size(cfg, crops.global_size)
+
+
+def train_data(cfg: RunConfig, source: ImageSource, phase: str = "") -> tuple[Dataset, Callable[[list], dict]]:
+    """Multi-crop views (+ iBOT block masks of the global crops; + the Gram teacher's larger global crops),
+    batch ``{"crops": [...], "masks"?}``; phase ``highres`` uses the high-resolution phase's crop sizes.
+
+    ``crops.augment=batched``: the images only decoded, on a square canvas (``crops.canvas``; 0 = the longest
+    side of a few probed images, at most 2 x the global crop size or the Gram crop size when larger), batch
+    ``{"images", "sizes", "keys", "phase", "masks"?}``; the stepper crops it on the device (:func:`batch_augment`)."""
+    from fovea.data.augment import MultiCrop
+    from fovea.data.loader import (
+        CanvasCollate,
+        CanvasDataset,
+        MultiCropDataset,
+        collate_multicrop,
+    )
+    from fovea.masking.block import BlockMasker
+    crops, extra = phase_crops(cfg, phase)
     masker = None
     if cfg.ibot.enabled:
         ib = cfg.ibot
         masker = BlockMasker(crops.global_size // cfg.model.patch_size, ib.mask_prob, pair(ib.mask_ratio),
                              ib.mask_min_block, ib.mask_type, ib.mask_roll)
-    extra = gram_size(cfg, crops.global_size)
+    if crops.augment == "batched":
+        return CanvasDataset(source, batched_canvas(cfg, source, phase), cfg.train.seed, masker), CanvasCollate(phase)
     return MultiCropDataset(source, MultiCrop(crops, extra_global_size=extra), cfg.train.seed, masker), collate_multicrop
+
+
+def batched_canvas(cfg: RunConfig, source: ImageSource, phase: str = "") -> int:
+    """Canvas side of ``crops.augment=batched``: ``crops.canvas``, or 0 = auto: the longest side of 16 images
+    probed at evenly spread indices (:func:`~fovea.data.loader.auto_canvas`), at most 2 x the phase's global
+    crop size (or the Gram teacher's crop size when larger)."""
+    from fovea.data.loader import auto_canvas
+    crops, extra = phase_crops(cfg, phase)
+    return crops.canvas or auto_canvas(source, max(2 * crops.global_size, extra))
+
+
+def batch_augment(cfg: RunConfig) -> Callable[[dict], dict]:
+    """The stepper's batched augmentation (``crops.augment=batched``): canvas batch -> the crops of its phase."""
+    from fovea.data.batch_augment import PhaseAugment
+    return PhaseAugment(lambda phase: phase_crops(cfg, phase), cfg.train.seed)
 
 
 def gram_size(cfg: RunConfig, global_size: int) -> int:
@@ -114,6 +147,8 @@ def check(cfg: RunConfig) -> list[str]:
         bad.append(f"matryoshka.loss_weights: one weight per level ({n_levels}), got {mt.loss_weights}")
     if cfg.highres.steps < 0:
         bad.append("highres.steps must be >= 0")
+    if cfg.crops.canvas < 0:
+        bad.append(f"crops.canvas must be >= 0 (0 = auto), got {cfg.crops.canvas}")
     p = cfg.model.patch_size
     for key, size in (("crops.local_size", cfg.crops.local_size), ("highres.local_size", cfg.highres.local_size or p),
                       ("gram.teacher_size", g.teacher_size or p)):
@@ -127,13 +162,22 @@ def check(cfg: RunConfig) -> list[str]:
 # ------------------------------------------------------------------------------------------------ benchmark
 
 def synthetic_batch(cfg: RunConfig, device: torch.device) -> dict:
-    """Random uint8 crops [B, C, S, S] (2 global + n_local local), plus the iBOT masks the collate draws."""
+    """Random uint8 crops [B, C, S, S] (2 global + n_local local), plus the iBOT masks the collate draws;
+    ``crops.augment=batched``: random uint8 images on a canvas of ``crops.canvas`` (0: the global crop size)."""
     from fovea.masking.block import BlockMasker
     g = torch.Generator().manual_seed(cfg.train.seed)
     b, c, ch = cfg.data.batch_size, cfg.crops, cfg.model.in_chans
-    sizes = [c.global_size] * 2 + [c.local_size] * c.n_local + [gram_size(cfg, c.global_size)] * 2
-    batch: dict[str, Any] = {"crops": [torch.randint(0, 256, (b, ch, s, s), generator=g, dtype=torch.uint8).to(device)
-                                       for s in sizes if s], "skipped": 0}
+    batch: dict[str, Any]
+    if c.augment == "batched":  # what the canvas collate sends: the stepper crops it (timed with the step)
+        side = c.canvas or c.global_size
+        batch = {"images": torch.randint(0, 256, (b, 3, side, side), generator=g, dtype=torch.uint8).to(device),
+                 "sizes": torch.full((b, 2), side, dtype=torch.int64).to(device),
+                 "keys": torch.stack([torch.zeros(b, dtype=torch.int64), torch.arange(b)], dim=1).to(device),
+                 "skipped": 0, "phase": ""}
+    else:
+        sizes = [c.global_size] * 2 + [c.local_size] * c.n_local + [gram_size(cfg, c.global_size)] * 2
+        batch = {"crops": [torch.randint(0, 256, (b, ch, s, s), generator=g, dtype=torch.uint8).to(device)
+                           for s in sizes if s], "skipped": 0}
     if cfg.ibot.enabled:
         ib = cfg.ibot
         mk = BlockMasker(c.global_size // cfg.model.patch_size, ib.mask_prob, pair(ib.mask_ratio),
@@ -186,4 +230,4 @@ SPEC = register(MethodSpec(
     names=("dino", "dinov2", "franca", "dinov3"),
     sections=("dino", "ibot", "koleo", "matryoshka", "highres", "gram", "crops"),
     build=_build, train_data=train_data, schedule=schedule, phase=phase, resolve=resolve, check=check,
-    synthetic_batch=synthetic_batch, flops=flops))
+    synthetic_batch=synthetic_batch, flops=flops, batch_augment=batch_augment))

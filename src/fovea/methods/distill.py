@@ -264,6 +264,12 @@ def train_data(cfg: RunConfig, source: Any, phase: str = "") -> Any:
     return multicrop(cfg, source, phase)
 
 
+def _batch_augment(cfg: RunConfig) -> Any:
+    """The self-distillation family's batched augmentation (its multi-crop pipeline is used)."""
+    from fovea.methods.dino_spec import batch_augment
+    return batch_augment(cfg)
+
+
 def resolve(cfg: RunConfig, n_images: int, world: int) -> RunConfig:
     """The teacher must exist before any work (named); then the EMA momentum's 'auto' value."""
     import os
@@ -289,8 +295,9 @@ def check(cfg: RunConfig) -> list[str]:
 
 
 def synthetic_batch(cfg: RunConfig, device: torch.device) -> dict:
-    """Two global crops (``features``), or every crop of the multi-crop batch (``heads``)."""
-    if cfg.distill.target == "heads":
+    """Two global crops (``features``), or every crop of the multi-crop batch (``heads``); with
+    ``crops.augment=batched`` the family's canvas batch (the stepper crops it, as in training)."""
+    if cfg.distill.target == "heads" or cfg.crops.augment == "batched":
         from fovea.methods.dino_spec import synthetic_batch as family
         return family(cfg, device)
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -320,4 +327,4 @@ def flops(cfg: RunConfig, batch: dict) -> dict[str, Any]:
 
 SPEC = register(MethodSpec(
     names=("distill",), sections=("distill", "dino", "koleo", "crops"), build=Distill, train_data=train_data, schedule=schedule,
-    resolve=resolve, check=check, synthetic_batch=synthetic_batch, flops=flops))
+    resolve=resolve, check=check, synthetic_batch=synthetic_batch, flops=flops, batch_augment=_batch_augment))

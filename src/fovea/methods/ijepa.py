@@ -150,6 +150,8 @@ def check(cfg: RunConfig) -> list[str]:
         bad.append("ijepa.num_targets and ijepa.min_context must be >= 1")
     if j.pred_dim <= 0 or j.pred_depth <= 0 or (j.pred_heads is not None and j.pred_heads < 1):
         bad.append("ijepa.pred_dim/pred_depth must be > 0")
+    if cfg.crops.augment != "per_image":
+        bad.append(f"crops.augment={cfg.crops.augment}: I-JEPA's single view is augmented per image (per_image)")
     return bad
 
 

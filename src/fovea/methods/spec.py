@@ -50,7 +50,10 @@ class MethodSpec:
     - ``resolve(cfg, n_images, world)``: the config with its 'auto' values made concrete;
     - ``check(cfg)``: cross-field problems, one message each (the loader raises them before any work);
     - ``synthetic_batch(cfg, device)``: a batch of random images as the collate makes it (benchmark);
-    - ``flops(cfg, batch)``: the analytic FLOPs of one training step on that batch (benchmark).
+    - ``flops(cfg, batch)``: the analytic FLOPs of one training step on that batch (benchmark);
+    - ``batch_augment(cfg)``: with ``crops.augment=batched``, the function the stepper applies to each whole
+      batch on the device before the step (its ``train_data`` then sends undecorated images); None: the
+      method's data is always augmented per image.
     """
 
     names: tuple[str, ...]
@@ -63,6 +66,7 @@ class MethodSpec:
     phase: Callable[[RunConfig, Plan, int], str] = no_phase
     resolve: Callable[[RunConfig, int, int], RunConfig] = unchanged
     check: Callable[[RunConfig], list[str]] = no_checks
+    batch_augment: Callable[[RunConfig], Callable[[dict], dict]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -41,6 +41,7 @@ class Stepper:
     head_warmup: int = 0  # steps of the continued-pretraining head warm-up (fresh heads, frozen backbone)
     fp16: bool = False  # float16 autocast with a gradient scaler (train.precision=fp16)
     fsdp: bool = False  # the method is sharded (train.strategy=fsdp)
+    augment: Callable[[dict], dict] | None = None  # crops.augment=batched: whole batch on the device -> its crops
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.method.student.parameters() if p.requires_grad]
@@ -61,6 +62,8 @@ class Stepper:
         sums: dict[str, float] = {}
         wrapped = self.method.student_fwd
         ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        if self.augment is not None:  # the whole batch, so the micro-batches are cut from augmented crops
+            batch = self.augment({k: to_device(v, self.device) for k, v in batch.items()})
         for i, micro in enumerate(split_batch(batch, n)):
             micro = {k: to_device(v, self.device) for k, v in micro.items()}
             if self.fsdp and n > 1:
@@ -111,7 +114,8 @@ class Stepper:
 def build_stepper(cfg: RunConfig, plan: Plan, device: torch.device, info: DistInfo | None = None,
                   method: Method | None = None) -> Stepper:
     """The stepper of ``cfg`` (auto values resolved): the method built from the train seed (or ``method``,
-    already built and moved), its optimizer and schedules, on ``device``."""
+    already built and moved), its optimizer and schedules, on ``device``; with ``crops.augment=batched`` (and a
+    method with a batched augmentation: the DINO family) it crops each batch on ``device`` first."""
     spec = spec_for(cfg.method)
     if method is None:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -128,5 +132,6 @@ def build_stepper(cfg: RunConfig, plan: Plan, device: torch.device, info: DistIn
     if cfg.train.compile:
         for blk in blocks:
             blk.compile()  # per block: the same compiled code serves every crop size after a recompile or two
+    augment = spec.batch_augment(cfg) if cfg.crops.augment == "batched" and spec.batch_augment is not None else None
     return Stepper(cfg, spec, method, build_optimizer(method.student, cfg.optim), plan, method_schedule(cfg, plan),
-                   device, info, bf16, fp16=cfg.train.precision == "fp16", fsdp=fsdp)
+                   device, info, bf16, fp16=cfg.train.precision == "fp16", fsdp=fsdp, augment=augment)
