@@ -492,9 +492,10 @@ AUGMENT_MODES = ("per_image", "batched")
 
 
 def print_augment_compare(rows: list[dict[str, Any]]) -> None:
-    """One row per ``crops.augment`` mode: step-only (synthetic) and loop (real data) images/s."""
+    """One row per ``crops.augment`` mode (batched twice: with the preset's loader workers and with none): step-only
+    (synthetic) and loop (real data) images/s; loop / step divides the loop by the per-image step alone (ready crops)."""
     head = (f"{'crops.augment':>13}  {'step-only img/s':>15}  {'step ms':>8}  {'loop img/s':>10}  "
-            f"{'step (real) img/s':>17}  {'data wait ms':>12}  {'workers':>7}")
+            f"{'step (real) img/s':>17}  {'data wait ms':>12}  {'workers':>7}  {'loop / step':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -502,7 +503,8 @@ def print_augment_compare(rows: list[dict[str, Any]]) -> None:
             return "-" if v is None else format(v, spec)
         print(f"{r['augment']:>13}  {f(r['step_only_images_per_s'], '15.1f')}  {f(r['step_only_ms'], '8.1f')}  "
               f"{f(r['loop_images_per_s'], '10.1f')}  {f(r['loop_step_images_per_s'], '17.1f')}  "
-              f"{f(r['loop_data_wait_ms'], '12.1f')}  {r['num_workers']!s:>7}")
+              f"{f(r['loop_data_wait_ms'], '12.1f')}  {r['num_workers']!s:>7}  "
+              f"{f(r.get('loop_over_step_only'), '11.2f')}")
 
 
 def augment_compare_row(mode: str, synthetic: dict[str, Any] | None, real: dict[str, Any] | None) -> dict[str, Any]:
@@ -619,6 +621,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.augment_compare:  # each mode twice: step-only (synthetic), then the loop (real data)
         variants = [(f"{m}/{d}", overrides + [f"crops.augment={m}"]) for m in AUGMENT_MODES
                     for d in ("synthetic", "real")]
+        # batched, the loader in the training process: its workers would only decode, and compete for the cores
+        variants.append(("batched0/real", overrides + ["crops.augment=batched", "data.num_workers=0"]))
     cfgs = [(v, ov, load_config(args.preset, ov)) for v, ov in variants]  # fail on bad keys before any work
     device = resolve_device(args.device)
     if cfgs[0][2].train.threads:
@@ -637,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_args = args
         if args.augment_compare:  # v = "<mode>/<synthetic|real>"
             run_args = argparse.Namespace(**{**vars(args), "synthetic": str(v).endswith("/synthetic")})
-            label = f" [crops.augment={str(v).split('/')[0]}]"
+            label = f" [crops.augment={str(v).split('/')[0].rstrip('0')}]"
         else:
             label = f" [{args.compare.split('=', 1)[0]}={v}]" if args.compare and v is not None else ""
         fc_step = "" if args.no_flop_counter else " + 1 FLOP-count"
@@ -650,6 +654,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.augment_compare:
         by = {str(v): r for v, r in runs}
         rows = [augment_compare_row(m, by.get(f"{m}/synthetic"), by.get(f"{m}/real")) for m in AUGMENT_MODES]
+        rows.append(augment_compare_row("batched", by.get("batched/synthetic"), by.get("batched0/real")))
+        pure = rows[0]["step_only_images_per_s"]  # the step alone, on ready-made crops
+        for row in rows:
+            row["loop_over_step_only"] = (round(row["loop_images_per_s"] / pure, 3)
+                                          if pure and row["loop_images_per_s"] else None)
         print()
         print_augment_compare(rows)
         out = {"augment_compare": rows, "matmul_peak": peak,
