@@ -443,8 +443,11 @@ def test_stepper_augments_the_whole_batch_before_the_micro_batches() -> None:
     assert all(m["crops"][0].shape == (4, 3, 16, 16) for m in seen)
     whole = st.augment(batch)["crops"]
     assert torch.equal(torch.cat([seen[0]["crops"][0], seen[1]["crops"][0]]), whole[0])
-    # per-image config and I-JEPA (always per image): no batched augmentation
+    # per-image config and I-JEPA (always per image, and refused batched): no batched augmentation
     assert build_stepper(resolve_auto(load_config("dino_vittiny_fmnist", TINY_MODEL), 1024, 1),
                          make_plan(cfg, 1024, 1), torch.device("cpu")).augment is None
-    jepa = resolve_auto(load_config("ijepa_vittiny_cifar10", JEPA_TINY + ["crops.augment=batched"]), 1024, 1)
+    jepa = resolve_auto(load_config("ijepa_vittiny_cifar10", JEPA_TINY), 1024, 1)
     assert build_stepper(jepa, make_plan(jepa, 1024, 1), torch.device("cpu")).augment is None
+    from fovea.errors import ConfigError
+    with pytest.raises(ConfigError, match="I-JEPA's single view is augmented per image"):
+        load_config("ijepa_vittiny_cifar10", JEPA_TINY + ["crops.augment=batched"])
