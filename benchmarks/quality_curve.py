@@ -72,14 +72,21 @@ def train(preset: str, out: Path, marks: list[float], overrides: list[str], npro
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    wall = time.time() - t0
+    return collect(preset, out, overrides, nproc, time.time() - t0)
+
+
+def collect(preset: str, out: Path, overrides: list[str], nproc: int, wall: float) -> dict[str, Any]:
+    """The curve of a finished run folder ``out``."""
     res = json.loads((out / "results.json").read_text())
     cfg = __import__("yaml").safe_load((out / "config.yaml").read_text())
     kind = cfg["eval"]["knn"]["features"]
     points = []
     for tag, r in res["knn"].items():
         feats = r["features"].get(kind) or r["features"].get("mean_patch")
-        minutes = 0.0 if tag == "start" else r.get("train_minutes", res.get("train_minutes_this_session"))
+        minutes = 0.0 if tag == "start" else r.get("train_minutes", res.get("train_minutes_without_eval"))
+        if minutes is None:  # a run folder from before that key: wall minutes less the marks' evaluations
+            marks = [v["seconds"] for t, v in res["knn"].items() if t.startswith(("min", "step"))]
+            minutes = round(res["train_minutes_this_session"] - sum(marks) / 60, 3)
         points.append({"tag": tag, "minutes": minutes, "step": r["step"], "knn": round(feats["k=20"], 2),
                        "images_per_s": r.get("images_per_s")})
     points.sort(key=lambda p: (p["minutes"], p["step"]))
@@ -105,20 +112,26 @@ def dataset_of(preset: str, overrides: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("presets", nargs="+", help="preset names or config files")
+    ap.add_argument("presets", nargs="*", help="preset names or config files")
     ap.add_argument("--minutes", default="5,10,25,60", help="wall-clock marks of training, comma separated")
     ap.add_argument("--out", default="runs/quality_curve", help="folder of the runs, the JSON and the plot")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every preset (repeatable)")
     ap.add_argument("--nproc", type=int, default=1, help="torchrun ranks (CPU: 1 thread each)")
     ap.add_argument("--name", default="", help="entry name (default: the preset name)")
+    ap.add_argument("--replot", action="store_true", help="re-read the stored runs' folders and redraw; no training")
     a = ap.parse_args(argv)
+    if not a.presets and not a.replot:
+        ap.error("give at least one preset (or --replot)")
     marks = sorted(float(m) for m in a.minutes.split(",") if m.strip())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "quality_curve.json"
     data = json.loads(store.read_text()) if store.exists() else {"runs": {}, "raw_pixels": {}}
-    for preset in a.presets:
+    for name, r in list(data["runs"].items()) if a.replot else []:
+        data["runs"][name] = {**r, **collect(r["preset"], out / name, r["overrides"], r["nproc"], r["wall_minutes"] * 60)}
+    store.write_text(json.dumps(data, indent=2))
+    for preset in [] if a.replot else a.presets:
         name = a.name or Path(preset).stem
         ds = dataset_of(preset, a.overrides)
         if ds not in data["raw_pixels"]:
@@ -130,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         data["runs"][name] = r
         store.write_text(json.dumps(data, indent=2))
     plot(data["runs"], data["raw_pixels"], out / "quality_curve.png")
+    marks = sorted({m for r in data["runs"].values() for m in r["marks"]})  # the columns: every run's marks
     print(f"\n{'run':28s} {'dataset':22s} " + " ".join(f"{'min ' + format(m, 'g'):>8s}" for m in marks)
           + f" {'end':>14s} {'raw px':>7s} {'img/s':>7s}")
     for name, r in data["runs"].items():
         by = {p["tag"]: p for p in r["points"]}
-        cells = [f"{by[f'min{m:g}']['knn']:8.2f}" if f"min{m:g}" in by else f"{'-':>8s}" for m in r["marks"]]
+        cells = [f"{by[f'min{m:g}']['knn']:8.2f}" if f"min{m:g}" in by else f"{'-':>8s}" for m in marks]
         end = by.get("end", r["points"][-1])
         ips = [p["images_per_s"] for p in r["points"] if p.get("images_per_s")]
         print(f"{name:28s} {r['dataset']:22s} " + " ".join(cells) + f" {end['knn']:6.2f}@{end['minutes']:5.1f}m"

@@ -103,6 +103,23 @@ def run_killed_at(args: list[str], step: int) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def assert_resumes_exactly(common: list[str], a: Path, b: Path, kill_at: int, resumed_at: str) -> None:
+    """Rerun the finished run ``common`` (whose output_dir is ``a``) into ``b``, SIGKILL it as step ``kill_at + 1``
+    begins, run it again: it must resume at ``resumed_at`` ("S/TOTAL") and log ``a``'s losses at every step."""
+    ref = losses(a)
+    moved = [x.replace(str(a), str(b)) for x in common]
+    proc = run_killed_at(moved, kill_at)
+    assert proc.returncode == -9, proc.stderr
+    assert (b / "checkpoints" / "last.pt").exists()
+    assert max(losses(b)) == kill_at  # the steps after the last checkpoint were logged, not saved
+    out = run_cli(moved)
+    assert "resumed from" in out.stdout and f"at step {resumed_at}" in out.stdout, out.stdout
+    got = losses(b)
+    assert sorted(got) == sorted(ref)
+    for s in ref:
+        assert abs(got[s] - ref[s]) <= 1e-6, (s, got[s], ref[s])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (asked from the OS, not fixed in the test)."""
     with socket.socket() as s:

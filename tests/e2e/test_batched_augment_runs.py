@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, base_args, losses, run_cli, run_killed_at, run_torchrun
+from helpers import REPO, assert_resumes_exactly, base_args, losses, run_cli, run_torchrun
 
 BATCHED = ["crops.augment=batched"]
 
@@ -27,19 +27,8 @@ def test_batched_resume_after_sigkill_continues_same_losses(folder: Path, tmp_pa
     assert sorted(ref) == list(range(1, 11))
     assert sorted(losses(tmp_path / "a", "loss/ibot")) == list(range(1, 11))
 
-    b = tmp_path / "b"
-    moved = [a.replace(str(tmp_path / "a"), str(b)) for a in common]
-    proc = run_killed_at(moved, 6)  # SIGKILL as step 7 begins: steps 5, 6 logged but not checkpointed
-    assert proc.returncode == -9, proc.stderr
-    assert (b / "checkpoints" / "last.pt").exists()
-    assert max(losses(b)) == 6
-
-    out = run_cli(moved)
-    assert "resumed from" in out.stdout and "at step 4/10" in out.stdout
-    got = losses(b)
-    assert sorted(got) == list(range(1, 11))
-    for s in range(1, 11):
-        assert got[s] == pytest.approx(ref[s], abs=1e-6), (s, got[s], ref[s])
+    # SIGKILL as step 7 begins (steps 5, 6 logged but not checkpointed), then the same command again
+    assert_resumes_exactly(common, tmp_path / "a", tmp_path / "b", 6, "4/10")
 
 
 def test_batched_two_ranks_match_one_process_and_differ_from_per_image(folder: Path, tmp_path: Path) -> None:

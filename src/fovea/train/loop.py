@@ -355,7 +355,8 @@ class Trainer:
         self._loader = None  # the data workers exit before the final evaluation
         train_minutes = (time.time() - t_start) / 60
         self.results.update({"steps": self.step, "skipped_images": self.skipped,
-                             "train_minutes_this_session": round(train_minutes, 2)})
+                             "train_minutes_this_session": round(train_minutes, 2),
+                             "train_minutes_without_eval": round(self._train_minutes(), 3)})
         # the trained model is on disk before any final evaluation, which then cannot lose it
         self.save(final=self.step >= plan.total_steps)
         bb = full_copy(self.method.eval_backbone(), self.device)  # gathered on every rank under FSDP
