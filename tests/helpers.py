@@ -18,6 +18,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: what the tests assume of the DINO presets whatever their tuning (dino_vittiny_fmnist has KoLeo and batched
+#: augmentation): no KoLeo (per rank: 2 ranks == 1 process would not hold) and per-image augmentation
+PLAIN = ["koleo.weight=0", "crops.augment=per_image"]
+
 #: a 2-block ViT on 16-px images with small heads: a DINO run of a few steps takes seconds
 TINY = [
     "model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
@@ -25,12 +29,13 @@ TINY = [
     "crops.n_local=2", "dino.out_dim=64", "dino.hidden_dim=64", "dino.bottleneck_dim=16",
     "data.num_workers=0", "train.progress=false", "train.log_every_steps=1", "eval.at_end=false",
     "optim.warmup_epochs=0.5", "optim.freeze_last_layer_epochs=0.25", "train.threads=1",
+    *PLAIN,
 ]
 
 #: a 2-block ViT with small heads for in-process method tests (no run settings)
 TINY_MODEL = ["model.arch=vit_tiny", "model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
               "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=2", "dino.out_dim=64",
-              "dino.hidden_dim=32", "dino.bottleneck_dim=16"]
+              "dino.hidden_dim=32", "dino.bottleneck_dim=16", *PLAIN]
 
 #: a 1-block, 32-wide ViT with the DINOv2 parts (Sinkhorn-Knopp, iBOT with its own head, KoLeo), in-process
 TINY_SD = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=4",
@@ -41,7 +46,7 @@ TINY_SD = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=32", "model.
 #: a 1-block ViT run (no workers, no progress bar) for in-process Trainer tests
 TINY_RUN = ["model.arch=vit_tiny", "model.depth=1", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4",
             "model.img_size=16", "crops.global_size=16", "crops.local_size=8", "crops.n_local=1", "dino.out_dim=32",
-            "dino.hidden_dim=32", "dino.bottleneck_dim=8", "data.num_workers=0", "train.progress=false"]
+            "dino.hidden_dim=32", "dino.bottleneck_dim=8", "data.num_workers=0", "train.progress=false", *PLAIN]
 
 #: the I-JEPA counterpart of TINY (apply to an I-JEPA preset)
 JEPA_TINY = ["model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=4", "model.img_size=16",
