@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def train(preset: str, out: Path, marks: list[float], overrides: list[str], npro
 def collect(preset: str, out: Path, overrides: list[str], nproc: int, wall: float) -> dict[str, Any]:
     """The curve of a finished run folder ``out``."""
     res = json.loads((out / "results.json").read_text())
-    cfg = __import__("yaml").safe_load((out / "config.yaml").read_text())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
     kind = cfg["eval"]["knn"]["features"]
     points = []
     for tag, r in res["knn"].items():

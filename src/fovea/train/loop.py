@@ -59,6 +59,7 @@ class Trainer:
         self.saved_step = -1  # step of the newest checkpoint written or resumed from
         self.t_start, self.eval_seconds, self.imgs_seen = 0.0, 0.0, 0  # this session's training clock
         self.next_mark, self.mark_due, self.out_of_time = 0, False, False  # eval.at_minutes, train.max_minutes
+        self.marks = sorted(cfg.eval.at_minutes)
         try:
             resume_path = main_decides(self.info, self._claim_folder)
             self._build(resume_path)
@@ -129,7 +130,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def _resume(self, path: Path) -> None:
-        sharded = path.suffix == ".dcp" or path.name == ".last.dcp.old"
+        sharded = path.is_dir()  # a torch.distributed.checkpoint folder; full checkpoints are files
         ckpt = self.__dict__.pop("_loaded", None) or (read_meta(path) if sharded else load_checkpoint(path))
         if sharded:
             load_sharded(self.method, self.optimizer, path)  # every rank reads its shards, resharded
@@ -243,8 +244,8 @@ class Trainer:
         clock: whether a k-NN mark of ``eval.at_minutes`` (``self.mark_due``) or ``train.max_minutes``
         (``self.out_of_time``) has passed."""
         minutes = self._train_minutes() if self.info.is_main else 0.0
-        marks = self.cfg.eval.at_minutes
-        due = int(self.next_mark < len(marks) and minutes >= sorted(marks)[self.next_mark])
+        marks = self.marks
+        due = int(self.next_mark < len(marks) and minutes >= marks[self.next_mark])
         late = int(self.cfg.train.max_minutes > 0 and minutes >= self.cfg.train.max_minutes)
         flags = [self.stop.signum, due, late]
         if self.info.world > 1:
@@ -331,7 +332,7 @@ class Trainer:
                     self._timed_knn(f"step{self.step}")
                 stopped = self._stop_requested()
                 while self.mark_due and self.step < plan.total_steps:  # eval.at_minutes (agreed over ranks)
-                    mark = sorted(c.eval.at_minutes)[self.next_mark]
+                    mark = self.marks[self.next_mark]
                     self.next_mark += 1
                     self._timed_knn(f"min{mark:g}")
                     stopped = self._stop_requested()

@@ -149,7 +149,7 @@ def last_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 def _read(path: Path) -> dict:
     """A full checkpoint, or the run state (``meta.pt``) of a sharded one (``"format": "sharded"``)."""
-    if path.suffix == ".dcp" or path.name == ".last.dcp.old":
+    if path.is_dir():  # last.dcp, step_*.dcp, .last.dcp.old
         from fovea.train.ckptio import read_meta
         return read_meta(path)
     return load_checkpoint(path)
