@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def collect(preset: str, out: Path, overrides: list[str], nproc: int, wall: floa
     res = json.loads((out / "results.json").read_text())
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     kind = cfg["eval"]["knn"]["features"]
+    batch = int(cfg["data"]["batch_size"]) * max(nproc, 1) * int(cfg.get("train", {}).get("accumulate", 1) or 1)
     points = []
     for tag, r in res["knn"].items():
         feats = r["features"].get(kind) or r["features"].get("mean_patch")
@@ -88,7 +90,8 @@ def collect(preset: str, out: Path, overrides: list[str], nproc: int, wall: floa
         if minutes is None:  # a run folder from before that key: wall minutes less the marks' evaluations
             marks = [v["seconds"] for t, v in res["knn"].items() if t.startswith(("min", "step"))]
             minutes = round(res["train_minutes_this_session"] - sum(marks) / 60, 3)
-        points.append({"tag": tag, "minutes": minutes, "step": r["step"], "knn": round(feats["k=20"], 2),
+        points.append({"tag": tag, "minutes": minutes, "step": r["step"], "images": r["step"] * batch,
+                       "knn": round(feats["k=20"], 2),
                        "images_per_s": r.get("images_per_s")})
     points.sort(key=lambda p: (p["minutes"], p["step"]))
     ends = res.get("stopped", {}).get("reason") or "end of the schedule"
@@ -97,18 +100,47 @@ def collect(preset: str, out: Path, overrides: list[str], nproc: int, wall: floa
             "train_minutes": res.get("train_minutes_this_session")}
 
 
+def minutes_to_reach(points: list[dict[str, Any]], target: float, last: int = 3) -> float | None:
+    """Training minutes at which the curve would reach ``target``: a least-squares line of k-NN against
+    ln(minutes) through the last ``last`` points after the start; None when the curve is not rising there. Only
+    a reading of the trend (SSL curves bend down on longer schedules), not a prediction."""
+    pts = [(math.log(p["minutes"]), p["knn"]) for p in points if p["minutes"] > 0][-last:]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 0 else 0.0
+    if slope <= 0:
+        return None
+    return round(math.exp(mx + (target - my) / slope), 1)
+
+
+def _fmt_minutes(m: float | None) -> str:
+    return "not rising" if m is None else f"~{m:g} min"
+
+
 def plot(results: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
+    """``path``: k-NN per training minute; ``path`` with ``_images``: the same points per training image seen
+    (curves that coincide there differ only in images/s)."""
     from fovea.eval.chart import line_chart
+    hlines = {f"raw pixels {ds}": b["knn"] for ds, b in raw.items()}
     series = {name: ([p["minutes"] for p in r["points"]], [p["knn"] for p in r["points"]]) for name, r in results.items()}
     line_chart(series, path, title="k-NN per training minute (2-core CPU)", xlabel="training minutes (evaluations excluded)",
-               ylabel="k-NN top-1 (%), k = 20", hlines={f"raw pixels {ds}": b["knn"] for ds, b in raw.items()})
+               ylabel="k-NN top-1 (%), k = 20", hlines=hlines)
+    series = {name: ([p["images"] / 1000 for p in r["points"]], [p["knn"] for p in r["points"]])
+              for name, r in results.items() if all("images" in p for p in r["points"])}
+    line_chart(series, path.with_name(path.stem + "_images" + path.suffix), title="k-NN per training image seen",
+               xlabel="training images seen (thousands)", ylabel="k-NN top-1 (%), k = 20", hlines=hlines)
 
 
 def dataset_of(preset: str, overrides: list[str]) -> str:
     from fovea.config.loader import load_config
     cfg = load_config(preset, overrides)
-    t = cfg.data.eval_test
-    return f"{t.kind}:{Path(t.path).parent.name if t.path else t.split}" if t is not None else "none"
+    t, b = cfg.data.eval_test, cfg.data.eval_train
+    if t is None:
+        return "none"
+    bank = f" (bank {b.limit})" if b is not None and b.limit else ""  # raw pixels differ with the bank's size
+    return f"{t.kind}:{Path(t.path).parent.name if t.path else t.split}{bank}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,16 +177,25 @@ def main(argv: list[str] | None = None) -> int:
         store.write_text(json.dumps(data, indent=2))
     plot(data["runs"], data["raw_pixels"], out / "quality_curve.png")
     marks = sorted({m for r in data["runs"].values() for m in r["marks"]})  # the columns: every run's marks
-    print(f"\n{'run':28s} {'dataset':22s} " + " ".join(f"{'min ' + format(m, 'g'):>8s}" for m in marks)
-          + f" {'end':>14s} {'raw px':>7s} {'img/s':>7s}")
+    for r in data["runs"].values():
+        raw_knn = data["raw_pixels"][r["dataset"]]["knn"]
+        r["minutes_to_raw_pixels"] = None if r["points"][-1]["knn"] >= raw_knn else minutes_to_reach(r["points"], raw_knn)
+    store.write_text(json.dumps(data, indent=2))
+    print(f"\n{'run':28s} {'dataset':30s} " + " ".join(f"{'min ' + format(m, 'g'):>8s}" for m in marks)
+          + f" {'end':>14s} {'raw px':>7s} {'img/s':>7s} {'raw px at':>10s}")
     for name, r in data["runs"].items():
         by = {p["tag"]: p for p in r["points"]}
-        cells = [f"{by[f'min{m:g}']['knn']:8.2f}" if f"min{m:g}" in by else f"{'-':>8s}" for m in marks]
         end = by.get("end", r["points"][-1])
+        if r["ended_by"] == "train.max_minutes":  # the last mark is the end evaluation (not run twice)
+            by.setdefault(f"min{max(r['marks']):g}", end)
+        cells = [f"{by[f'min{m:g}']['knn']:8.2f}" if f"min{m:g}" in by else f"{'-':>8s}" for m in marks]
         ips = [p["images_per_s"] for p in r["points"] if p.get("images_per_s")]
-        print(f"{name:28s} {r['dataset']:22s} " + " ".join(cells) + f" {end['knn']:6.2f}@{end['minutes']:5.1f}m"
-              f" {data['raw_pixels'][r['dataset']]['knn']:7.2f} {(ips[-1] if ips else float('nan')):7.1f}")
-    print(f"\nwrote {store} and {out / 'quality_curve.png'}")
+        print(f"{name:28s} {r['dataset']:30s} " + " ".join(cells) + f" {end['knn']:6.2f}@{end['minutes']:5.1f}m"
+              f" {data['raw_pixels'][r['dataset']]['knn']:7.2f} {(ips[-1] if ips else float('nan')):7.1f}"
+              f" {'reached' if r['points'][-1]['knn'] >= data['raw_pixels'][r['dataset']]['knn'] else _fmt_minutes(r['minutes_to_raw_pixels']):>10s}")
+    print("(raw px at: training minutes where a line of k-NN against ln(minutes) through the last 3 points meets the"
+          " raw pixels; a reading of the trend, not a prediction)")
+    print(f"\nwrote {store}, {out / 'quality_curve.png'} and {out / 'quality_curve_images.png'}")
     return 0
 
 

@@ -331,7 +331,8 @@ class Trainer:
                 if plan.eval_every and self.step % plan.eval_every == 0 and self.step < plan.total_steps:
                     self._timed_knn(f"step{self.step}")
                 stopped = self._stop_requested()
-                while self.mark_due and self.step < plan.total_steps:  # eval.at_minutes (agreed over ranks)
+                # eval.at_minutes (agreed over ranks); a mark at train.max_minutes is the end evaluation's
+                while self.mark_due and not self.out_of_time and self.step < plan.total_steps:
                     mark = self.marks[self.next_mark]
                     self.next_mark += 1
                     self._timed_knn(f"min{mark:g}")

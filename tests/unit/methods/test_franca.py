@@ -2,6 +2,8 @@
 their per-level losses, truncated-feature k-NN, the Franca presets."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -263,7 +265,9 @@ def test_franca_presets() -> None:
     tiny = load_config("franca_vittiny_cifar10")
     ref = load_config("dinov2_vittiny_cifar10")
     assert tiny.method == "franca" and tiny.matryoshka.enabled and tiny.ibot.mask_type == "cyclic"
-    assert tiny.ibot.mask_ratio == [0.1, 0.65] and tiny.model == ref.model and tiny.optim == ref.optim
+    assert tiny.ibot.mask_ratio == [0.1, 0.65] and tiny.model == ref.model
+    # the same optimiser and schedules, only shorter: Franca's step is ~1.4x DINOv2's, sized for ~25 CPU minutes
+    assert replace(tiny.optim, epochs=ref.optim.epochs) == ref.optim and tiny.optim.epochs < ref.optim.epochs
     b = load_config("franca_vitb14_imagenet21k")
     assert b.model.arch == "vit_base" and b.model.patch_size == 14 and b.dino.out_dim == 131072
     assert nesting_widths(768, b.matryoshka.widths) == [48, 96, 192, 384, 768]
