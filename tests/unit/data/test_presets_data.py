@@ -21,3 +21,17 @@ def test_preset_data_paths_exist_under_fovea_data(name: str) -> None:
     for split, src in used.items():
         source = build_source(src)  # raises (naming the path) when the file or folder is missing
         assert len(source) > 1000, (name, split, src.path)
+
+
+def test_small_budget_dino_presets_share_the_recipe_at_16_tokens_per_global_crop() -> None:
+    """The CPU DINO presets (README "Quality per CPU-minute") differ in data and size, not in recipe: 16 tokens per
+    global crop, 4 per local crop, KoLeo 0.1, batched augmentation with the loader in the training process."""
+    for name in ("dino_vittiny_fmnist", "dino_vittiny_cifar10", "dino_vittiny_imagenette64"):
+        c = load_config(name)
+        p = c.model.patch_size
+        assert (c.crops.global_size // p) ** 2 == 16 and (c.crops.local_size // p) ** 2 == 4, name
+        assert c.crops.global_size % p == 0 and c.crops.local_size % p == 0, name
+        assert (c.model.depth, c.dino.out_dim, c.koleo.weight) == (4, 1024, 0.1), name
+        assert (c.crops.augment, c.data.num_workers) == ("batched", 0), name
+        size = c.data.eval_size or c.crops.global_size
+        assert size == c.crops.global_size == c.model.img_size, name  # evaluated at the trained size
