@@ -116,7 +116,7 @@ def minutes_to_reach(points: list[dict[str, Any]], target: float, last: int = 3)
 
 
 def _fmt_minutes(m: float | None) -> str:
-    return "not rising" if m is None else f"~{m:g} min"
+    return "not rising" if m is None else f"~{m:g} min" if m < 1e4 else "> 10^4 min"
 
 
 def plot(results: dict[str, Any], raw: dict[str, Any], path: Path) -> None:
