@@ -82,7 +82,7 @@ def collect(preset: str, out: Path, overrides: list[str], nproc: int, wall: floa
     res = json.loads((out / "results.json").read_text())
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     kind = cfg["eval"]["knn"]["features"]
-    batch = int(cfg["data"]["batch_size"]) * max(nproc, 1) * int(cfg.get("train", {}).get("accumulate", 1) or 1)
+    batch = int(cfg["data"]["batch_size"]) * max(nproc, 1) * int(cfg["train"]["accumulate"])  # global batch
     points = []
     for tag, r in res["knn"].items():
         feats = r["features"].get(kind) or r["features"].get("mean_patch")
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     marks = sorted({m for r in data["runs"].values() for m in r["marks"]})  # the columns: every run's marks
     for r in data["runs"].values():
         raw_knn = data["raw_pixels"][r["dataset"]]["knn"]
-        r["minutes_to_raw_pixels"] = None if r["points"][-1]["knn"] >= raw_knn else minutes_to_reach(r["points"], raw_knn)
+        r["reached_raw_pixels"] = r["points"][-1]["knn"] >= raw_knn
+        r["minutes_to_raw_pixels"] = None if r["reached_raw_pixels"] else minutes_to_reach(r["points"], raw_knn)
     store.write_text(json.dumps(data, indent=2))
     print(f"\n{'run':28s} {'dataset':30s} " + " ".join(f"{'min ' + format(m, 'g'):>8s}" for m in marks)
           + f" {'end':>14s} {'raw px':>7s} {'img/s':>7s} {'raw px at':>10s}")
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         ips = [p["images_per_s"] for p in r["points"] if p.get("images_per_s")]
         print(f"{name:28s} {r['dataset']:30s} " + " ".join(cells) + f" {end['knn']:6.2f}@{end['minutes']:5.1f}m"
               f" {data['raw_pixels'][r['dataset']]['knn']:7.2f} {(ips[-1] if ips else float('nan')):7.1f}"
-              f" {'reached' if r['points'][-1]['knn'] >= data['raw_pixels'][r['dataset']]['knn'] else _fmt_minutes(r['minutes_to_raw_pixels']):>10s}")
+              f" {'reached' if r['reached_raw_pixels'] else _fmt_minutes(r['minutes_to_raw_pixels']):>10s}")
     print("(raw px at: training minutes where a line of k-NN against ln(minutes) through the last 3 points meets the"
           " raw pixels; a reading of the trend, not a prediction)")
     print(f"\nwrote {store}, {out / 'quality_curve.png'} and {out / 'quality_curve_images.png'}")
