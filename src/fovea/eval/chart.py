@@ -64,7 +64,10 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str | P
         n = max(int((b[0] - a[0]) // 12), 1)
         for k in range(n):  # dashed
             d.line([(a[0] + k * 12, a[1]), (min(a[0] + k * 12 + 7, b[0]), a[1])], fill=colour, width=2)
-        d.text((b[0] + 6, a[1]), f"{label} {y:.1f}", fill=colour, font=small, anchor="lm")
+        lx, ly = w - right + 10, legend_y + 40 + 20 * i  # in the legend, above the series: a label at the line's
+        for k in range(2):                                # own height would fall on the legend's entries
+            d.line([(lx + k * 12, ly), (lx + k * 12 + 7, ly)], fill=colour, width=2)
+        d.text((lx + 28, ly), f"{label} {y:.1f}", fill=colour, font=small, anchor="lm")
     for i, (name, (sx, sy)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         pts = [px(x, y) for x, y in zip(sx, sy)]

@@ -32,3 +32,6 @@ def test_line_chart_draws_each_series_at_its_values(tmp_path: Path) -> None:
     assert colour_at(2.5, 35) == PALETTE[1]  # and along "b"
     assert colour_at(5, 30) != "#ffffff"  # the lines cross on the dashed reference line
     assert colour_at(2.5, 40) == "#ffffff"  # nothing drawn elsewhere
+    # the legend (right of the plot, from y = 40 + 40): the reference line first, then one row per series
+    legend = ["#%02x%02x%02x" % img.getpixel((900 - 230 + 10 + 3, 80 + 20 * i)) for i in range(3)]
+    assert legend == ["#555555", PALETTE[0], PALETTE[1]]
