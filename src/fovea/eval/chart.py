@@ -57,15 +57,19 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str | P
     d.text((w / 2 - right / 2 + left / 2, h - 20), xlabel, fill="black", font=font, anchor="mm")
     d.text((10, top - 25), ylabel, fill="black", font=font)
     d.text((w / 2, 12), title, fill="black", font=font, anchor="mt")
-    legend_y = top
+    lx = w - right + 10  # the legend: one row per reference line, then one per series
+
+    def legend_y(row: int) -> float:
+        return top + 40 + 20 * row
+
     for i, (label, y) in enumerate(hlines.items()):
         colour = "#555555"
         a, b = px(x0, y), px(x1, y)
         n = max(int((b[0] - a[0]) // 12), 1)
         for k in range(n):  # dashed
             d.line([(a[0] + k * 12, a[1]), (min(a[0] + k * 12 + 7, b[0]), a[1])], fill=colour, width=2)
-        lx, ly = w - right + 10, legend_y + 40 + 20 * i  # in the legend, above the series: a label at the line's
-        for k in range(2):                                # own height would fall on the legend's entries
+        ly = legend_y(i)  # labelled in the legend: a label at the line's own height would fall on its entries
+        for k in range(2):
             d.line([(lx + k * 12, ly), (lx + k * 12 + 7, ly)], fill=colour, width=2)
         d.text((lx + 28, ly), f"{label} {y:.1f}", fill=colour, font=small, anchor="lm")
     for i, (name, (sx, sy)) in enumerate(series.items()):
@@ -75,8 +79,7 @@ def line_chart(series: dict[str, tuple[list[float], list[float]]], path: str | P
             d.line(pts, fill=colour, width=3)
         for p in pts:
             d.ellipse([p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4], fill=colour)
-        lx = w - right + 10
-        ly = legend_y + 40 + 20 * i + 20 * len(hlines)
+        ly = legend_y(len(hlines) + i)
         d.line([(lx, ly), (lx + 22, ly)], fill=colour, width=3)
         d.text((lx + 28, ly), name, fill="black", font=small, anchor="lm")
     path = Path(path)
