@@ -198,6 +198,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each student block (the first steps compile; little gain on CPU)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several ranks: ddp (replicated weights, the auto choice) | fsdp (FSDP2: parameters, gradients and optimizer state sharded per block and head)
     checkpoint_format: Literal["auto", "full", "sharded"] = "auto"  # full: one last.pt written by rank 0 | sharded: torch.distributed.checkpoint folder last.dcp, each rank writes its shards (auto: sharded under fsdp); either resumes on any world size
+    budget_minutes: float = 0.0  # > 0: size the run to this many minutes of training on this machine: time train.budget_probe_steps steps first (after 5 untimed ones; the probe's time counts in the budget, evaluations do not), then set optim.max_steps to what the rest of the budget holds, so the schedules end within it; the value is written to config.yaml and a resume keeps it
+    budget_probe_steps: int = 20  # timed steps of the train.budget_minutes speed probe
     max_minutes: float = 0.0  # > 0: end the training after this many minutes of it in this session (evaluations excluded): checkpoint, export and the end evaluations as after the last step; the run resumes where it stopped
     accumulate: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation): global batch = batch x ranks x accumulate
     checkpoint_every_steps: int | None = field(default=None, metadata={"auto": True})  # null = once per epoch

@@ -96,6 +96,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def agreed_max(value: float, info: DistInfo) -> float:
+    """The largest of every rank's ``value`` (the value itself on one process)."""
+    if info.world == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 T = TypeVar("T")
 
 

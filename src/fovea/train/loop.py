@@ -7,8 +7,10 @@ checkpoints and periodic k-NN.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,13 +22,16 @@ from tqdm import tqdm
 from fovea.config.loader import dump_yaml, to_dict
 from fovea.config.schema import RunConfig
 from fovea.core.checkpoint import load_checkpoint, rng_state, set_rng_state
-from fovea.core.distributed import all_reduce_mean, barrier, cleanup, init_distributed, main_decides
+from fovea.core.distributed import (agreed_max, all_reduce_mean, any_rank, barrier, cleanup, init_distributed,
+                                    main_decides)
 from fovea.core.logging import MetricLogger
 from fovea.data.loader import make_train_loader, set_epoch, stop_signals_blocked
 from fovea.eval.knn import evaluate_knn_sharded
 from fovea.hub.backbone import export_backbone
 from fovea.methods.registry import spec_for
 from fovea.train.init_from import load_init, resolve_init_model
+from fovea.errors import ConfigError
+from fovea.train.budget import budget_steps, resumed_length
 from fovea.train.plan import make_plan, resolve_auto, step_batch
 from fovea.train.ckptio import load_full, load_sharded, read_meta, resolve_format, save_full, save_sharded
 from fovea.train.runfolder import RunLock, load_resume_checkpoint, open_run_sources, step_checkpoints, trajectory_diff
@@ -34,7 +39,7 @@ from fovea.train.sharding import full_copy, resolve_strategy
 from fovea.train.signals import RunInterrupted, StopRequest
 from fovea.train.step import NonFiniteLoss, Stepper, build_stepper
 
-__all__ = ["NonFiniteLoss", "ResumeMismatch", "Trainer", "train"]
+__all__ = ["NonFiniteLoss", "ResumeMismatch", "Trainer", "fit_budget", "train"]
 
 
 class ResumeMismatch(ValueError):
@@ -382,6 +387,34 @@ class Trainer:
         cleanup()
         return self.results
 
+    def probe_rate(self, warm: int, timed: int) -> float:
+        """Images per second of this run's training steps, the loader included: ``timed`` steps after ``warm``
+        untimed ones, on the first batches of the run's data order (agreed over ranks: the slowest). The weights
+        move, so the caller discards this trainer (:func:`fit_budget`)."""
+        c = self.cfg
+        self.method.train()
+        loader = make_train_loader(self.dataset, step_batch(c), self.info.rank, self.info.world, c.train.seed, 0, 0,
+                                   c.data.num_workers, pin_memory=self.device.type == "cuda", collate_fn=self.collate)
+        done, epoch, t0 = 0, 0, time.time()
+        while done < warm + timed:
+            with stop_signals_blocked():
+                batches: Iterator[dict] = iter(set_epoch(loader, epoch, 0))
+            for batch in batches:
+                if done == warm:
+                    barrier(self.info)
+                    t0 = time.time()
+                self.stepper.step(batch, self.stepper.values(done), self._step_context)
+                done += 1
+                if done == warm + timed or any_rank(bool(self.stop.signum), self.info):
+                    break
+            if any_rank(bool(self.stop.signum), self.info):
+                return 0.0  # a stop request: the caller stops too
+            epoch += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = agreed_max(time.time() - t0, self.info)
+        return timed * step_batch(c) * self.info.world / max(elapsed, 1e-9)
+
     def _knn_kind(self, res: dict) -> str:
         """The configured k-NN feature kind, or mean_patch where the backbone has no CLS token."""
         kind = self.cfg.eval.knn.features
@@ -409,7 +442,67 @@ class Trainer:
         print("\n".join(lines), flush=True)
 
 
+#: untimed steps of the ``train.budget_minutes`` probe before its timed ones (allocation, the loader's start)
+BUDGET_WARM_STEPS = 5
+
+
+def fit_budget(cfg: RunConfig) -> RunConfig:
+    """``train.budget_minutes``: the run's length in steps for this machine (a new config with ``optim.max_steps``
+    set). A resumed run keeps the length its first session chose (from its ``config.yaml``); otherwise a probe
+    trainer, built as the run's own in a folder that is removed afterwards, times ``train.budget_probe_steps``
+    steps and the budget left after the probe is filled at that rate. The run itself then starts from its seed:
+    it is the run ``optim.max_steps=N`` would give."""
+    t = cfg.train
+    if cfg.optim.max_steps:
+        raise ConfigError(f"train.budget_minutes={t.budget_minutes:g} and optim.max_steps={cfg.optim.max_steps} both "
+                          "set the run's length: set one of them")
+    if t.budget_probe_steps < 1:
+        raise ConfigError(f"train.budget_probe_steps must be >= 1, got {t.budget_probe_steps}")
+    out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
+    cfg = copy.deepcopy(cfg)
+    info, _ = init_distributed(t.device)  # the run's process group (the trainers find it made)
+    kept = main_decides(info, lambda: resumed_length(out)) if t.resume else None
+    if kept is not None:
+        cfg.optim.max_steps = kept
+        if info.is_main:
+            print(f"[fovea] train.budget_minutes={t.budget_minutes:g}: resuming, the run keeps its "
+                  f"optim.max_steps={kept} from {out / 'config.yaml'}", flush=True)
+        return cfg
+    t0 = time.time()
+    probe_cfg = copy.deepcopy(cfg)
+    probe_cfg.output_dir = str(out / "budget_probe")
+    probe_cfg.optim.max_steps = BUDGET_WARM_STEPS + t.budget_probe_steps
+    probe_cfg.train.resume, probe_cfg.train.progress, probe_cfg.train.budget_minutes = False, False, 0.0
+    probe = Trainer(probe_cfg)
+    try:
+        rate = probe.probe_rate(BUDGET_WARM_STEPS, t.budget_probe_steps)
+        spe, world = probe.plan.steps_per_epoch, probe.info.world
+        signum = probe.stop.signum
+    finally:
+        probe.stop.restore()
+        probe.logger.close()
+        probe.lock.release()
+    del probe
+    if signum or not rate:
+        if info.is_main:
+            shutil.rmtree(out / "budget_probe", ignore_errors=True)
+            print("[fovea] stopped during the train.budget_minutes speed probe: nothing was trained", flush=True)
+        signal.raise_signal(signum or signal.SIGTERM)  # the default action: the process ends as that signal says
+    if info.is_main:
+        shutil.rmtree(out / "budget_probe", ignore_errors=True)
+    probe_s = agreed_max(time.time() - t0, info)
+    steps = budget_steps(t.budget_minutes, probe_s, rate, step_batch(cfg) * world)
+    cfg.optim.max_steps = steps
+    if info.is_main:
+        print(f"[fovea] train.budget_minutes={t.budget_minutes:g}: {rate:.1f} img/s over {t.budget_probe_steps} "
+              f"timed steps (the probe took {probe_s:.0f} s of the budget) -> optim.max_steps={steps} "
+              f"({steps / spe:.2f} epochs of {spe} steps)", flush=True)
+    return cfg
+
+
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) training for ``cfg``; returns the results dict."""
+    if cfg.train.budget_minutes > 0:
+        cfg = fit_budget(cfg)
     return Trainer(cfg).fit()
 

@@ -200,7 +200,8 @@ def load_resume_checkpoint(ckpt_dir: Path) -> tuple[dict | None, Path | None]:
 FREE_KEYS = ("name", "description", "output_dir", "eval.", "data.eval_train", "data.eval_test", "data.eval_size",
              "data.num_workers", "train.progress", "train.log_every_steps", "train.checkpoint_every_steps",
              "train.keep_checkpoints", "train.resume", "train.resume_force", "train.threads", "train.device",
-             "train.strategy", "train.checkpoint_format", "train.activation_checkpointing", "train.max_minutes")
+             "train.strategy", "train.checkpoint_format", "train.activation_checkpointing", "train.max_minutes",
+             "train.budget_")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
