@@ -89,11 +89,7 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` is true on any rank (the flag itself on one process)."""
-    if info.world == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return agreed_max(float(flag), info) > 0
 
 
 def agreed_max(value: float, info: DistInfo) -> float:
