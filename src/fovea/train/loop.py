@@ -29,8 +29,8 @@ from fovea.data.loader import make_train_loader, set_epoch, stop_signals_blocked
 from fovea.eval.knn import evaluate_knn_sharded
 from fovea.hub.backbone import export_backbone
 from fovea.methods.registry import spec_for
-from fovea.train.init_from import load_init, resolve_init_model
 from fovea.errors import ConfigError
+from fovea.train.init_from import load_init, resolve_init_model
 from fovea.train.budget import budget_steps, resumed_length
 from fovea.train.plan import make_plan, resolve_auto, step_batch
 from fovea.train.ckptio import load_full, load_sharded, read_meta, resolve_format, save_full, save_sharded
@@ -40,6 +40,11 @@ from fovea.train.signals import RunInterrupted, StopRequest
 from fovea.train.step import NonFiniteLoss, Stepper, build_stepper
 
 __all__ = ["NonFiniteLoss", "ResumeMismatch", "Trainer", "fit_budget", "train"]
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    """The run's folder: ``output_dir``, else ``runs/<name or method>``."""
+    return Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
 
 
 class ResumeMismatch(ValueError):
@@ -57,7 +62,7 @@ class Trainer:
         self.source = self.sources["data.train"]
         cfg, self.init_changes = resolve_init_model(cfg)  # train.init_from: its architecture
         self.cfg = cfg = resolve_auto(cfg, len(self.source), self.info.world)
-        self.out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
+        self.out = run_folder(cfg)
         self.ckpt_dir = self.out / "checkpoints"
         self.lock = RunLock(self.out)
         self.stop = StopRequest().install()  # from here SIGTERM / SIGINT only ask the run to stop
@@ -395,7 +400,7 @@ class Trainer:
         self.method.train()
         loader = make_train_loader(self.dataset, step_batch(c), self.info.rank, self.info.world, c.train.seed, 0, 0,
                                    c.data.num_workers, pin_memory=self.device.type == "cuda", collate_fn=self.collate)
-        done, epoch, t0 = 0, 0, time.time()
+        done, epoch, t0, stopped = 0, 0, time.time(), False
         while done < warm + timed:
             with stop_signals_blocked():
                 batches: Iterator[dict] = iter(set_epoch(loader, epoch, 0))
@@ -405,10 +410,11 @@ class Trainer:
                     t0 = time.time()
                 self.stepper.step(batch, self.stepper.values(done), self._step_context)
                 done += 1
-                if done == warm + timed or any_rank(bool(self.stop.signum), self.info):
+                stopped = any_rank(bool(self.stop.signum), self.info)
+                if done == warm + timed or stopped:
                     break
-            if any_rank(bool(self.stop.signum), self.info):
-                return 0.0  # a stop request: the caller stops too
+            if stopped:
+                return 0.0  # a stop request on some rank: the caller stops too
             epoch += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -458,7 +464,7 @@ def fit_budget(cfg: RunConfig) -> RunConfig:
                           "set the run's length: set one of them")
     if t.budget_probe_steps < 1:
         raise ConfigError(f"train.budget_probe_steps must be >= 1, got {t.budget_probe_steps}")
-    out = Path(cfg.output_dir or f"runs/{cfg.name or cfg.method}")
+    out = run_folder(cfg)
     cfg = copy.deepcopy(cfg)
     info, _ = init_distributed(t.device)  # the run's process group (the trainers find it made)
     kept = main_decides(info, lambda: resumed_length(out)) if t.resume else None
@@ -483,13 +489,12 @@ def fit_budget(cfg: RunConfig) -> RunConfig:
         probe.logger.close()
         probe.lock.release()
     del probe
-    if signum or not rate:
-        if info.is_main:
-            shutil.rmtree(out / "budget_probe", ignore_errors=True)
-            print("[fovea] stopped during the train.budget_minutes speed probe: nothing was trained", flush=True)
-        signal.raise_signal(signum or signal.SIGTERM)  # the default action: the process ends as that signal says
     if info.is_main:
         shutil.rmtree(out / "budget_probe", ignore_errors=True)
+    if signum or not rate:  # a stop request during the probe (on this rank or another)
+        if info.is_main:
+            print("[fovea] stopped during the train.budget_minutes speed probe: nothing was trained", flush=True)
+        signal.raise_signal(signum or signal.SIGTERM)  # the default action: the process ends as that signal says
     probe_s = agreed_max(time.time() - t0, info)
     steps = budget_steps(t.budget_minutes, probe_s, rate, step_batch(cfg) * world)
     cfg.optim.max_steps = steps
