@@ -433,7 +433,9 @@ class Trainer:
 
     def _summary(self, minutes: float) -> None:
         knn = self.results["knn"]
-        lines = [f"[fovea] done: {self.step} steps, {minutes:.1f} min of training in this session"]
+        evals = self.eval_seconds / 60  # the k-NN runs of eval.at_minutes / eval.every_epochs during training
+        lines = [f"[fovea] done: {self.step} steps, {minutes - evals:.1f} min of training in this session"
+                 + (f" (+ {evals:.1f} min of k-NN during it)" if evals >= 0.05 else "")]
         if self.skipped:
             lines.append(f"[fovea] skipped {self.skipped} unreadable images (replaced by the next readable one)")
         for tag in ("start", "end"):
