@@ -25,7 +25,8 @@ def test_preset_data_paths_exist_under_fovea_data(name: str) -> None:
 
 def test_small_budget_dino_presets_share_the_recipe_at_16_tokens_per_global_crop() -> None:
     """The CPU DINO presets (README "Quality per CPU-minute") differ in data and size, not in recipe: 16 tokens per
-    global crop, 4 per local crop, KoLeo 0.1, batched augmentation with the loader in the training process."""
+    global crop, 4 per local crop, KoLeo 0.1, batched augmentation with the loader in the training process, and
+    the images and updates per minute of 2026-12-03: 2 local crops, batch 64, a long schedule cut by the clock."""
     for name in ("dino_vittiny_fmnist", "dino_vittiny_cifar10", "dino_vittiny_imagenette64"):
         c = load_config(name)
         p = c.model.patch_size
@@ -33,5 +34,6 @@ def test_small_budget_dino_presets_share_the_recipe_at_16_tokens_per_global_crop
         assert c.crops.global_size % p == 0 and c.crops.local_size % p == 0, name
         assert (c.model.depth, c.dino.out_dim, c.koleo.weight) == (4, 1024, 0.1), name
         assert (c.crops.augment, c.data.num_workers) == ("batched", 0), name
+        assert (c.crops.n_local, c.data.batch_size) == (2, 64) and c.train.max_minutes > 0, name
         size = c.data.eval_size or c.crops.global_size
         assert size == c.crops.global_size == c.model.img_size, name  # evaluated at the trained size
