@@ -68,9 +68,12 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     size = args.size or data.get("eval_size") or crops.get("global_size") or backbone.cfg.img_size
     kinds = [k.strip() for k in args.features.split(",")]
     widths = parse_widths(args.widths, backbone.embed_dim) if args.widths else []
+    from fovea.eval.subset import load_test_classes
+    classes = load_test_classes(args.test_classes) if args.test_classes else None
     res = evaluate_knn(backbone, train_src, test_src, args.k, args.temperature, kinds, size, device,
                        args.batch_size, args.workers, crops.get("mean"), crops.get("std"),
-                       progress=not args.json, widths=widths)
+                       progress=not args.json, widths=widths, test_classes=classes,
+                       test_label_mode=args.test_labels)
     res.update({"checkpoint": str(args.checkpoint), "size": size, "temperature": args.temperature})
     if args.json:
         print(json.dumps(res))
@@ -176,7 +179,7 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fovea.eval.commands import add_backbone_options, add_eval_commands
+    from fovea.eval.commands import add_backbone_options, add_eval_commands, add_subset_opts
     from fovea.curate.commands import add_curate_command
     from fovea.hub.commands import add_hub_commands
     p = argparse.ArgumentParser(prog="fovea", description="Pretrain, post-train and evaluate self-supervised "
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--limit-train", type=int, default=0, help="use a fixed random subset of the bank (0 = all)")
     k.add_argument("--limit-test", type=int, default=0, help="use a fixed random subset of the test set (0 = all)")
     add_backbone_options(k, workers=2)
+    add_subset_opts(k)
     k.add_argument("--json", action="store_true", help="print one JSON object with the accuracies")
     k.set_defaults(func=cmd_eval_knn)
     add_eval_commands(esub)

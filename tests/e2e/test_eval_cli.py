@@ -111,7 +111,8 @@ def test_single_protocol_commands(setup, capsys):
 def test_every_eval_option_has_help():
     eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
     subs = eval_parser._subparsers._group_actions[0].choices
-    for name in ("knn", "linear", "logreg", "fewshot", "ood", "seg", "pictures", "all"):
+    for name in ("knn", "linear", "logreg", "fewshot", "ood", "seg", "pictures", "all",
+                 "video", "correspondence", "depth"):
         assert name in subs, name
         for action in subs[name]._actions:
             if not isinstance(action, argparse._HelpAction):
@@ -125,3 +126,28 @@ def test_eval_final_config_key_is_validated():
     assert cfg.eval.final == ["linear", "logreg"]
     with pytest.raises(ConfigError, match="eval.final"):
         load_config("dino_vittiny_fmnist", ["eval.final=[linear,bogus]"])
+
+
+def test_test_classes_restricts_knn_and_linear(setup, tmp_path, capsys):
+    """A test set of classes c0 and c2 only (folder labels 0, 1): --test-classes maps label 1 to training class
+    2 and restricts the scores; without it class-2 images are scored against label 1 and mostly fail."""
+    s = setup
+    sub = tmp_path / "sub"
+    full = make_class_folder(tmp_path / "full", 6, 1)
+    sub.mkdir()
+    for c in ("c0", "c2"):
+        (full / c).rename(sub / c)
+    (tmp_path / "classes.txt").write_text("0\n2\n")
+    base = ["--train", f"folder:{s['train']}", "--test", f"folder:{sub}", "--batch-size", "16", "--json"]
+    assert main(["eval", "knn", str(s["run"]), *base, "--k", "5"]) == 0
+    plain = json.loads(capsys.readouterr().out)["features"]["cls"]["k=5"]
+    assert main(["eval", "knn", str(s["run"]), *base, "--k", "5", "--test-classes", str(tmp_path / "classes.txt")]) == 0
+    restricted = json.loads(capsys.readouterr().out)["features"]["cls"]["k=5"]
+    assert plain <= 60.0 < 90.0 <= restricted
+    assert main(["eval", "linear", str(s["run"]), *base, "--epochs", "3", "--out", str(tmp_path / "lin"),
+                 "--test-classes", str(tmp_path / "classes.txt")]) == 0
+    lin = json.loads(capsys.readouterr().out)["linear"]
+    assert lin["test_classes"] == 2 and lin["n_test"] == 12
+    (tmp_path / "bad.txt").write_text("0 7")
+    assert main(["eval", "knn", str(s["run"]), *base, "--test-classes", str(tmp_path / "bad.txt")]) == 2
+    assert "only 3 classes" in capsys.readouterr().err

@@ -6,19 +6,14 @@ import json
 import shlex
 import sys
 
+from fovea.errors import ConfigError
+from fovea.eval.cli_common import add_backbone_options, make_suite
+from fovea.eval.protocols import PAPER_PROTOCOLS
 from fovea.eval.report import DEFAULT_PROTOCOLS, PROTOCOLS
 
 SPEC = "fmnist:train|test[:DIR], parquet:FILE, folder:DIR, webdataset:SHARDS or manifest:DIR"
 
 
-
-def add_backbone_options(p: argparse.ArgumentParser, workers: int = 0) -> None:
-    """--which, --batch-size, --workers and --device: how a command loads and runs a frozen backbone."""
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                   help="which backbone of a training checkpoint")
-    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
-    p.add_argument("--workers", type=int, default=workers, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 def _common(p: argparse.ArgumentParser, image_level: bool = True) -> None:
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
@@ -36,6 +31,16 @@ def _common(p: argparse.ArgumentParser, image_level: bool = True) -> None:
     if image_level:
         p.add_argument("--features", default="cls", help="feature kind of logreg / fewshot / ood: cls, mean_patch, "
                        "both, cls_last4, cls_last4_mean, registers; KIND@W keeps the first W channels (Matryoshka)")
+
+
+def add_subset_opts(p: argparse.ArgumentParser) -> None:
+    """--test-classes / --test-labels: a test set whose classes are a subset of the training classes."""
+    p.add_argument("--test-classes", metavar="FILE", default="",
+                   help="robustness (ImageNet-A / -R): the test set's classes as training-class indices (integers "
+                   "or a JSON list); scores are restricted to them before the argmax")
+    p.add_argument("--test-labels", choices=["subset", "train"], default="subset",
+                   help="with --test-classes: test label i is the i-th listed class (subset) or a training-class "
+                   "index (train)")
 
 
 def _linear_opts(p: argparse.ArgumentParser) -> None:
@@ -81,31 +86,16 @@ def _pictures_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="", help="output folder (default RUN_DIR/eval)")
 
 
-def _spec(s: str | None) -> dict | None:
-    from fovea.data.specs import parse_source_spec
-    return parse_source_spec(s) if s else None
-
-
-def make_suite(args: argparse.Namespace):
-    """Build a :class:`fovea.eval.suite.Suite` from parsed arguments."""
-    from fovea.eval.suite import Suite, SuiteOptions
-    g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
-    opts = SuiteOptions(train=_spec(g("train")), test=_spec(g("test")), ood=_spec(g("ood")),
-                        seg_train=g("seg_train", "") or "", seg_test=g("seg_test", "") or "",
-                        pictures=_spec(g("pictures")), size=args.size, seg_size=g("seg_size", 0) or 0,
-                        pictures_size=g("pictures_size", 0) or 0, limit_train=g("limit_train", 0) or 0,
-                        limit_test=g("limit_test", 0) or 0, which=args.which, batch_size=args.batch_size,
-                        workers=args.workers, device=args.device, cache=not args.no_cache,
-                        progress=not args.json, seed=args.seed)
-    return Suite(args.checkpoint, opts)
-
-
 def settings_from_args(args: argparse.Namespace) -> dict:
     """Per-protocol keyword arguments of the Suite methods from parsed arguments."""
     g = lambda k, d=None: getattr(args, k, d)  # noqa: E731
-    s: dict = {"knn": {"ks": g("k", [10, 20, 100, 200]), "kinds": str(g("knn_features", "cls")).split(",")},
+    sub: dict = {}
+    if g("test_classes"):
+        from fovea.eval.subset import load_test_classes
+        sub = {"test_classes": load_test_classes(str(g("test_classes"))), "test_labels": g("test_labels", "subset")}
+    s: dict = {"knn": {"ks": g("k", [10, 20, 100, 200]), "kinds": str(g("knn_features", "cls")).split(","), **sub},
                "linear": {"epochs": g("epochs", 10), "batch_size": g("probe_batch_size", 1024),
-                          "val_fraction": g("val_fraction", 0.1)},
+                          "val_fraction": g("val_fraction", 0.1), **sub},
                "logreg": {"sweep_limit": g("sweep_limit", 10000), "max_iter": g("max_iter", 1000),
                           "kind": g("features", "cls")},
                "fewshot": {"shots": g("shots", [1, 5, 10]), "draws": g("draws", 5), "c": g("fewshot_C", 1.0),
@@ -131,11 +121,19 @@ def cmd_eval_protocol(args: argparse.Namespace) -> int:
 def cmd_eval_all(args: argparse.Namespace) -> int:
     """Run the chosen protocols and write report.md / report.json / PNGs."""
     from fovea.eval.report import checkpoint_step, run_report
+    from fovea.eval.paper_commands import given_paper_protocols, paper_settings
     protocols = [p.strip() for p in args.protocols.split(",")] if args.protocols else list(DEFAULT_PROTOCOLS)
+    given = given_paper_protocols(args)
     if not args.protocols:
-        protocols += (["ood"] if args.ood else []) + (["seg"] if args.seg_train else [])
+        protocols += (["ood"] if args.ood else []) + (["seg"] if args.seg_train else []) + given
+    missing = [p for p in protocols if p in PAPER_PROTOCOLS and p not in given]
+    if missing:
+        raise ConfigError(f"--protocols names {', '.join(missing)} but " + ", ".join(f"--{p}-data" for p in missing)
+                          + " is not given")
     suite = make_suite(args)
-    res = run_report(suite, protocols, args.out or None, settings_from_args(args),
+    settings = settings_from_args(args)
+    settings.update({p: paper_settings(args, p, True) for p in given})
+    res = run_report(suite, protocols, args.out or None, settings,
                      "fovea " + " ".join(shlex.quote(a) for a in sys.argv[1:]), checkpoint_step(suite.run_dir))
     _print(res, args)
     out = args.out or suite.run_dir / "eval"
@@ -161,7 +159,8 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
     specs = [
         ("linear", "DINOv2-style linear probe grid", "Train linear heads at once on cached frozen features: "
          "13 lrs x {last 1, last 4 blocks' CLS} x {with, without mean patch}; SGD momentum 0.9, cosine; best on a "
-         "validation split carved from train, reported on test.", [_linear_opts]),
+         "validation split carved from train, reported on test. --test-classes restricts the test logits to a "
+         "class subset (ImageNet-A / -R).", [_linear_opts, add_subset_opts]),
         ("logreg", "logistic regression (L-BFGS, C sweep)", "scikit-learn L-BFGS logistic regression on standardised "
          "CLS features; C swept over 10^-6..10^5 on a validation split, refit on all train, test top-1.",
          [_logreg_opts]),
@@ -190,9 +189,14 @@ def add_eval_commands(esub: argparse._SubParsersAction) -> None:
                         "Features are extracted once per data set and cached.", formatter_class=fmt)
     _common(a)
     a.add_argument("--protocols", default="", help=f"comma list from {','.join(PROTOCOLS)} (default: "
-                   f"{','.join(DEFAULT_PROTOCOLS)}, plus ood / seg when --ood / --seg-train are given)")
+                   f"{','.join(DEFAULT_PROTOCOLS)}, plus ood / seg when --ood / --seg-train are given, and each paper "
+                   "protocol when its --NAME-data is given)")
     a.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="k-NN: numbers of neighbours")
     a.add_argument("--knn-features", default="cls", help="k-NN: comma list of cls, mean_patch, both, cls_last4, ...")
-    for add in (_linear_opts, _logreg_opts, _fewshot_opts, lambda p: _ood_opts(p, False), _seg_opts, _pictures_opts):
+    for add in (_linear_opts, add_subset_opts, _logreg_opts, _fewshot_opts, lambda p: _ood_opts(p, False), _seg_opts,
+                _pictures_opts):
         add(a)
+    from fovea.eval.paper_commands import add_paper_commands, add_paper_options_to_all
+    add_paper_options_to_all(a)
     a.set_defaults(func=cmd_eval_all)
+    add_paper_commands(esub, fmt)

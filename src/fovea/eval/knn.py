@@ -5,6 +5,8 @@ weights their votes by exp(sim / T) (T = 0.07); top-1 accuracy is reported for e
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,13 +16,15 @@ from fovea.eval.features import available_kinds, extract_features, extract_featu
 
 
 def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, ks: list[int],
-                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024
-                 ) -> dict[int, Tensor]:
+                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024,
+                 classes: list[int] | None = None) -> dict[int, Tensor]:
     """Predicted labels of test samples for each k.
 
     train_feats [N, D], train_labels [N] int, test_feats [M, D] (normalised here).
-    Returns {k: predictions [M]}. Votes of the k nearest are weighted by exp(sim / temperature).
+    Returns {k: predictions [M]}. Votes of the k nearest are weighted by exp(sim / temperature);
+    with ``classes`` the argmax runs over those classes' votes only (:mod:`fovea.eval.subset`).
     """
+    from fovea.eval.subset import restricted_argmax
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
     c = int(num_classes if num_classes is not None else int(train_labels.max()) + 1)
@@ -35,18 +39,26 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
             kk = min(k, kmax)
             votes = torch.zeros(top_sim.shape[0], c, dtype=w.dtype, device=w.device)
             votes.scatter_add_(1, top_lab[:, :kk], w[:, :kk])
-            preds[k].append(votes.argmax(1))
+            preds[k].append(restricted_argmax(votes, classes))
     return {k: torch.cat(v) for k, v in preds.items()}
 
 
 def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
-                 ks: list[int], temperature: float = 0.07) -> dict[int, float]:
-    """Top-1 accuracy in percent for each k (labels >= 0 only)."""
+                 ks: list[int], temperature: float = 0.07, test_classes: list[int] | None = None,
+                 test_label_mode: str = "subset") -> dict[int, float]:
+    """Top-1 accuracy in percent for each k (labels >= 0 only). ``test_classes``: the test set holds
+    these training classes only; its labels are mapped to them (``test_label_mode``, see
+    :func:`fovea.eval.subset.to_train_labels`) and votes restricted to them."""
     keep_tr, keep_te = train_labels >= 0, test_labels >= 0
     if not keep_tr.any() or not keep_te.any():
         raise ValueError("k-NN needs labelled train and test sets")
+    if test_classes is not None:
+        from fovea.eval.subset import check_classes, to_train_labels
+        check_classes(test_classes, int(train_labels[keep_tr].max()) + 1)
+        test_labels = to_train_labels(test_labels, test_classes, test_label_mode)
     c = int(max(train_labels.max(), test_labels.max())) + 1
-    preds = knn_classify(train_feats[keep_tr], train_labels[keep_tr], test_feats[keep_te], ks, temperature, c)
+    preds = knn_classify(train_feats[keep_tr], train_labels[keep_tr], test_feats[keep_te], ks, temperature, c,
+                         classes=test_classes)
     y = test_labels[keep_te]
     return {k: float((p == y).float().mean() * 100) for k, p in preds.items()}
 
@@ -88,7 +100,8 @@ def truncate_features(feats: Tensor, kind: str, width: int) -> Tensor:
 
 def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature: float, kinds: list[str],
                  size: int, device: torch.device, batch_size: int = 256, num_workers: int = 2,
-                 mean=None, std=None, progress: bool = True, widths: list[int] | None = None) -> dict:
+                 mean=None, std=None, progress: bool = True, widths: list[int] | None = None,
+                 test_classes: list[int] | None = None, test_label_mode: str = "subset") -> dict:
     """Extract features of both splits once and report k-NN top-1 (%) per feature kind and k.
 
     ``widths``: also report every kind truncated to each width w (< D) as ``KIND@w``, from the same
@@ -97,7 +110,7 @@ def evaluate_knn(backbone, train_source, test_source, ks: list[int], temperature
     backbone without CLS token, ``cls`` / ``both`` are evaluated as ``mean_patch`` (and reported so).
     """
     res = _evaluate(False, backbone, train_source, test_source, ks, temperature, kinds, size, device, batch_size,
-                    num_workers, mean, std, progress, widths)
+                    num_workers, mean, std, progress, widths, test_classes, test_label_mode)
     assert res is not None
     return res
 
@@ -114,7 +127,8 @@ def evaluate_knn_sharded(backbone, train_source, test_source, ks: list[int], tem
 
 def _evaluate(sharded: bool, backbone, train_source, test_source, ks: list[int], temperature: float,
               kinds: list[str], size: int, device: torch.device, batch_size: int, num_workers: int, mean, std,
-              progress: bool, widths: list[int] | None) -> dict | None:
+              progress: bool, widths: list[int] | None, test_classes: list[int] | None = None,
+              test_label_mode: str = "subset") -> dict | None:
     kinds = available_kinds(backbone, kinds)
     mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     extract = extract_features_sharded if sharded else extract_features
@@ -125,7 +139,9 @@ def _evaluate(sharded: bool, backbone, train_source, test_source, ks: list[int],
     if tr is None or te is None:
         return None
     (ftr, ytr, s1), (fte, yte, s2) = tr, te
-    res = {kind: {f"k={k}": acc for k, acc in knn_accuracy(ftr[kind], ytr, fte[kind], yte, ks, temperature).items()}
+    sub: dict[str, Any] = {"test_classes": test_classes, "test_label_mode": test_label_mode}
+    res = {kind: {f"k={k}": acc for k, acc in knn_accuracy(ftr[kind], ytr, fte[kind], yte, ks, temperature,
+                                                            **sub).items()}
            for kind in kinds}
     dim = backbone.embed_dim
     for w in sorted(set(widths or [])):
@@ -133,6 +149,6 @@ def _evaluate(sharded: bool, backbone, train_source, test_source, ks: list[int],
             continue  # the full width is KIND itself
         for kind in kinds:
             accs = knn_accuracy(truncate_features(ftr[kind], kind, w), ytr, truncate_features(fte[kind], kind, w), yte,
-                                ks, temperature)
+                                ks, temperature, **sub)
             res[f"{kind}@{w}"] = {f"k={k}": acc for k, acc in accs.items()}
     return {"features": res, "n_train": len(ytr), "n_test": len(yte), "skipped": s1 + s2}

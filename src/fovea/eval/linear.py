@@ -83,20 +83,27 @@ def train_linear_grid(feats: dict[str, Tensor], labels: Tensor, num_classes: int
     return {name: (w.detach(), b.detach()) for name, (w, b) in heads.items()}
 
 
-def grid_accuracy(heads: dict[str, tuple[Tensor, Tensor]], feats: dict[str, Tensor], labels: Tensor
-                  ) -> dict[str, Tensor]:
-    """Top-1 accuracy (%) of every head: {name: [L]} on feats {name: [M, D]} and labels [M]."""
+def grid_accuracy(heads: dict[str, tuple[Tensor, Tensor]], feats: dict[str, Tensor], labels: Tensor,
+                  classes: list[int] | None = None) -> dict[str, Tensor]:
+    """Top-1 accuracy (%) of every head: {name: [L]} on feats {name: [M, D]} and labels [M]; with
+    ``classes`` the argmax runs over those classes' logits only (:mod:`fovea.eval.subset`)."""
+    from fovea.eval.subset import restricted_argmax
     out = {}
     for name, (w, b) in heads.items():
-        pred = (torch.einsum("bd,ldc->lbc", feats[name], w) + b[:, None]).argmax(-1)
+        pred = restricted_argmax(torch.einsum("bd,ldc->lbc", feats[name], w) + b[:, None], classes)
         out[name] = (pred == labels[None]).float().mean(1) * 100
     return out
 
 
 def linear_probe(train: FeatureBank, test: FeatureBank, configs: list[str] | None = None,
                  lrs: list[float] | None = None, epochs: int = 10, batch_size: int = 1024,
-                 val_fraction: float = 0.1, seed: int = 0, progress: bool = False) -> dict:
+                 val_fraction: float = 0.1, seed: int = 0, progress: bool = False,
+                 test_classes: list[int] | None = None, test_labels: str = "subset") -> dict:
     """Grid-train on train minus a stratified validation split, select on it, report on test.
+
+    ``test_classes``: the test set's classes are these training classes only (ImageNet-A / -R): its
+    labels are mapped to training classes (``test_labels``, see :func:`fovea.eval.subset.to_train_labels`)
+    and the test logits restricted to them before the argmax; validation keeps every class.
 
     Returns {"test_top1", "val_top1", "best": {"features", "lr"}, "grid": {name: {lr: val acc}},
     "test_grid": {name: test acc of the name's best-val lr}, "n_train", "n_val", "n_test"}.
@@ -108,6 +115,11 @@ def linear_probe(train: FeatureBank, test: FeatureBank, configs: list[str] | Non
     train, test = train.subset(keep_tr.nonzero().flatten()), test.subset(keep_te.nonzero().flatten())
     if len(train) < 2 or len(test) == 0:
         raise ValueError("the linear probe needs labelled train (>= 2) and test images")
+    if test_classes is not None:
+        from fovea.eval.subset import check_classes, to_train_labels
+        check_classes(test_classes, int(train.labels.max()) + 1)
+        test = FeatureBank(test.cls, test.mean_patch, test.registers, to_train_labels(test.labels, test_classes,
+                           test_labels), test.has_cls)
     c = int(max(train.labels.max(), test.labels.max())) + 1
     tr_idx, va_idx = split_train_val(train.labels, val_fraction, seed)
     if len(va_idx) == 0:
@@ -117,7 +129,7 @@ def linear_probe(train: FeatureBank, test: FeatureBank, configs: list[str] | Non
     val = {k: v[va_idx] for k, v in ftr.items()}
     heads = train_linear_grid(fit, train.labels[tr_idx], c, lrs, epochs, batch_size, seed=seed, progress=progress)
     val_acc = grid_accuracy(heads, val, train.labels[va_idx])
-    test_acc = grid_accuracy(heads, fte, test.labels)
+    test_acc = grid_accuracy(heads, fte, test.labels, test_classes)
     best_name, best_i, best_val = None, 0, -1.0
     for name in configs:  # ties: the earlier config / smaller lr
         i = int(val_acc[name].argmax())
@@ -128,4 +140,5 @@ def linear_probe(train: FeatureBank, test: FeatureBank, configs: list[str] | Non
             "best": {"features": best_name, "lr": lrs[best_i]},
             "grid": {n: {f"{lr:g}": round(float(a), 2) for lr, a in zip(lrs, val_acc[n])} for n in configs},
             "test_grid": {n: round(float(test_acc[n][int(val_acc[n].argmax())]), 2) for n in configs},
-            "n_train": len(tr_idx), "n_val": len(va_idx), "n_test": len(test), "epochs": epochs}
+            "n_train": len(tr_idx), "n_val": len(va_idx), "n_test": len(test), "epochs": epochs,
+            **({"test_classes": len(test_classes)} if test_classes is not None else {})}

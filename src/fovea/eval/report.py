@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from fovea.eval.protocols import DEFAULT_PROTOCOLS, PROTOCOLS
+from fovea.eval.protocols import DEFAULT_PROTOCOLS, PAPER_PROTOCOLS, PROTOCOLS
 from fovea.eval.suite import Suite
 
 __all__ = ["DEFAULT_PROTOCOLS", "PROTOCOLS", "headline", "run_final_eval"]
@@ -37,10 +37,25 @@ def headline(results: dict) -> dict[str, float]:
         for m in ("linear", "hummingbird"):
             if m in results["seg"]:
                 out[f"eval/seg/{m}/miou"] = results["seg"][m]["miou"]
+    for name, module in PAPER_PROTOCOLS.items():
+        if name in results:
+            from fovea.eval.plugin import load_protocol
+            out.update({f"eval/{name}/{k}": float(v) for k, v in load_protocol(module).headline(results[name]).items()})
     return out
 
 
-def render_markdown(results: dict, meta: dict) -> str:
+def _paper_markdown(results: dict, out: Path) -> list[str]:
+    """The report sections of the paper protocols, picture paths relative to the report folder ``out``."""
+    from fovea.eval.plugin import load_protocol
+    lines: list[str] = []
+    prefix = str(out.resolve()) + "/"
+    for name, module in PAPER_PROTOCOLS.items():
+        if name in results:
+            lines += [""] + [ln.replace(prefix, "") for ln in load_protocol(module).markdown(results[name])]
+    return lines
+
+
+def render_markdown(results: dict, meta: dict, out: Path | None = None) -> str:
     """report.md text: command, checkpoint, a table of headline numbers, details and pictures."""
     lines = ["# Evaluation report", "", f"- checkpoint: `{meta['checkpoint']}` ({meta['which']})",
              f"- command: `{meta['command']}`", f"- input size: {meta['size']} px; device {meta['device']}",
@@ -77,6 +92,7 @@ def render_markdown(results: dict, meta: dict) -> str:
                   f"at {p['size']} px input.", "", f"![pca]({Path(p['pca']).name})", "",
                   "Rows: image | last-block CLS attention (mean of heads) | each head.", "",
                   f"![attention]({Path(p['attention']).name})"]
+    lines += _paper_markdown(results, out or Path("."))
     if results.get("errors"):
         lines += ["", "## Protocols that failed", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in meta["timings"].items())]
@@ -85,10 +101,12 @@ def render_markdown(results: dict, meta: dict) -> str:
 
 def run_report(suite: Suite, protocols: list[str], out_dir: str | Path | None = None,
                settings: dict | None = None, command: str = "", log_step: int | None = None,
-               strict: bool = False) -> dict:
+               strict: bool = False, paper_flat: bool = False) -> dict:
     """Run ``protocols`` (subset of PROTOCOLS) and write report.json / report.md / PNGs to ``out_dir``
     (default RUN_DIR/eval). ``settings`` maps protocol -> keyword arguments of its Suite method.
-    A failing protocol is recorded under "errors" (raised when ``strict``). Returns the results.
+    A failing protocol is recorded under "errors" (raised when ``strict``). A paper protocol (retrieval,
+    video, ...) writes its files into ``out_dir/NAME`` (into ``out_dir`` itself with ``paper_flat``: the
+    one-protocol command). Returns the results.
     """
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
@@ -104,7 +122,10 @@ def run_report(suite: Suite, protocols: list[str], out_dir: str | Path | None = 
         t0 = time.time()
         try:
             kw = settings.get(p, {})
-            results[p] = suite.pictures(out, **kw) if p == "pictures" else getattr(suite, p)(**kw)
+            if p in PAPER_PROTOCOLS:
+                results[p] = suite.paper(p, out if paper_flat else out / p, kw)
+            else:
+                results[p] = suite.pictures(out, **kw) if p == "pictures" else getattr(suite, p)(**kw)
         except Exception as e:  # noqa: BLE001 - one failing protocol does not lose the others
             if strict:
                 raise
@@ -118,7 +139,7 @@ def run_report(suite: Suite, protocols: list[str], out_dir: str | Path | None = 
             "timings": dict(suite.timings)}
     results["meta"] = meta
     (out / "report.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render_markdown(results, meta))
+    (out / "report.md").write_text(render_markdown(results, meta, out))
     scalars = headline(results)
     if scalars and log_step is not None:
         from fovea.core.logging import MetricLogger

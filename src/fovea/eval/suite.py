@@ -120,21 +120,26 @@ class Suite:
         return kind
 
     def knn(self, ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07,
-            kinds: Sequence[str] = ("cls",)) -> dict:
-        """{"features": {kind: {"k=K": top-1 %}}, "temperature"}."""
+            kinds: Sequence[str] = ("cls",), test_classes: list[int] | None = None,
+            test_labels: str = "subset") -> dict:
+        """{"features": {kind: {"k=K": top-1 %}}, "temperature"}; ``test_classes``: see
+        :mod:`fovea.eval.subset`."""
         from fovea.eval.knn import knn_accuracy
         tr, te = self.bank("train"), self.bank("test")
         kinds = list(dict.fromkeys(self.kind(k) for k in kinds))
         res = {kind: {f"k={k}": a for k, a in knn_accuracy(tr.get(kind), tr.labels, te.get(kind), te.labels,
-                                                            list(ks), temperature).items()} for kind in kinds}
-        return {"features": res, "temperature": temperature, "n_train": len(tr), "n_test": len(te)}
+                                                            list(ks), temperature, test_classes, test_labels).items()}
+               for kind in kinds}
+        out = {"features": res, "temperature": temperature, "n_train": len(tr), "n_test": len(te)}
+        return out if test_classes is None else {**out, "test_classes": len(test_classes)}
 
     def linear(self, epochs: int = 10, batch_size: int = 1024, val_fraction: float = 0.1,
-               configs: list[str] | None = None, lrs: list[float] | None = None) -> dict:
+               configs: list[str] | None = None, lrs: list[float] | None = None,
+               test_classes: list[int] | None = None, test_labels: str = "subset") -> dict:
         """See :func:`fovea.eval.linear.linear_probe`."""
         from fovea.eval.linear import linear_probe
         return linear_probe(self.bank("train"), self.bank("test"), configs, lrs, epochs, batch_size, val_fraction,
-                            self.opts.seed, self.opts.progress)
+                            self.opts.seed, self.opts.progress, test_classes, test_labels)
 
     def logreg(self, kind: str = "cls", cs: list[float] | None = None, sweep_limit: int = 10000,
                max_iter: int = 1000) -> dict:
@@ -192,3 +197,14 @@ class Suite:
         size = self.opts.pictures_size or self.size
         return {**make_pictures(self.backbone, self.source("pictures"), out_dir, size, n_images, display,
                                 self.device, self.mean, self.std, self.opts.seed), "size": size}
+
+    def paper(self, name: str, out_dir: str | Path, settings: dict) -> dict:
+        """Run the paper protocol ``name`` (:data:`fovea.eval.protocols.PAPER_PROTOCOLS`) with its option
+        values ``settings``, writing its files into ``out_dir``."""
+        from fovea.eval.plugin import EvalContext, load_protocol
+        from fovea.eval.protocols import PAPER_PROTOCOLS
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ctx = EvalContext(self.backbone, self.device, list(self.mean), list(self.std), self.opts.batch_size,
+                          self.opts.workers, self.opts.progress, out.resolve(), self.opts.seed, self.meta)
+        return load_protocol(PAPER_PROTOCOLS[name]).run(ctx, dict(settings))
