@@ -111,7 +111,7 @@ def test_single_protocol_commands(setup, capsys):
 def test_every_eval_option_has_help():
     eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
     subs = eval_parser._subparsers._group_actions[0].choices
-    for name in ("knn", "linear", "logreg", "fewshot", "ood", "seg", "pictures", "all",
+    for name in ("knn", "linear", "logreg", "fewshot", "ood", "seg", "pictures", "all", "retrieval", "copydetect",
                  "video", "correspondence", "depth"):
         assert name in subs, name
         for action in subs[name]._actions:

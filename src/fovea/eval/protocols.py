@@ -4,8 +4,8 @@ from __future__ import annotations
 #: the data-set protocols of the papers: name -> module defining ``PROTOCOL`` (a
 #: :class:`fovea.eval.plugin.PaperProtocol`); each runs in ``fovea eval all`` when its data is given
 PAPER_PROTOCOLS = {
-    # "retrieval": "fovea.eval.retrieval.protocol",
-    # "copydetect": "fovea.eval.retrieval.copydetect",
+    "retrieval": "fovea.eval.retrieval.protocol",
+    "copydetect": "fovea.eval.retrieval.copydetect",
     "video": "fovea.eval.video.protocol",
     "correspondence": "fovea.eval.correspondence.protocol",
     "depth": "fovea.eval.depth.protocol",

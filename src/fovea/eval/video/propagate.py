@@ -13,7 +13,9 @@ by the patch size (bilinear), each channel min-max normalised, argmaxed and resi
 
 The affinity is computed per target frame and per band of target rows against the source rows within
 the window only, so memory stays at ``max_elems`` floats whatever the frame size (DINO builds the full
-[n_context, h*w, h*w] matrix). Subtracting the row maximum before exp leaves the weights unchanged.
+[n_context, h*w, h*w] matrix). As exp is monotone the top-k are taken on the cosines and only the k kept
+values are exponentiated (a softmax of cos / T over them: the same weights); rows whose k-th value is
+tied fall back to DINO's threshold rule (all values >= the k-th kept).
 """
 from __future__ import annotations
 
@@ -91,17 +93,25 @@ def propagate_frame(target: Tensor, ctx_feats: Tensor, ctx_labels: Tensor, topk:
         s0, s1 = (0, h) if radius <= 0 else (max(0, r0 - radius), min(h, r1 + radius))
         q = target[r0:r1].reshape(-1, d).float()  # [m, D]
         keys = ctx_feats[:, s0:s1].reshape(n, -1, d).float()  # [n, bw, D]
-        sim = torch.einsum("md,nkd->mnk", q, keys) / temperature  # [m, n, bw]
+        sim = torch.einsum("md,nkd->mnk", q, keys)  # [m, n, bw] cosines
         if radius > 0:
-            sim = sim.masked_fill(~_window(all_rows[r0:r1], all_rows[s0:s1], w, radius)[:, None, :], float("-inf"))
-        sim = sim.reshape(sim.shape[0], -1)  # [m, n*bw], context frames jointly
-        aff = torch.exp(sim - sim.max(dim=1, keepdim=True).values)  # outside the window: exactly 0
-        k = min(topk, aff.shape[1])
-        kth = aff.topk(k, dim=1).values[:, -1:]
-        aff = torch.where(aff >= kth, aff, torch.zeros_like(aff))
-        aff = aff / aff.sum(dim=1, keepdim=True)
+            sim.masked_fill_(~_window(all_rows[r0:r1], all_rows[s0:s1], w, radius)[:, None, :], float("-inf"))
+        sim = sim.reshape(sim.shape[0], -1)  # [m, n*bw], context frames jointly; outside the window -inf
         labels = ctx_labels[:, s0:s1].reshape(-1, c).float()  # [n*bw, C]
-        out[r0:r1] = (aff @ labels).reshape(r1 - r0, w, c)
+        k = min(topk, sim.shape[1])
+        vals, idx = sim.topk(min(k + 1, sim.shape[1]), dim=1)  # exp is monotone: the top-k of the cosines
+        kth = vals[:, k - 1:k]
+        wts = torch.softmax(vals[:, :k] / temperature, dim=1)  # exp(cos / T) normalised; -inf (outside) -> 0
+        res = (wts[:, :, None] * labels[idx[:, :k]]).sum(1)  # [m, C]
+        # DINO keeps every value >= the k-th: where the (k+1)-th ties it, redo the row with all ties kept
+        tied = (vals[:, k] == vals[:, k - 1]) & torch.isfinite(kth[:, 0]) if vals.shape[1] > k else \
+            torch.zeros(len(vals), dtype=torch.bool, device=vals.device)
+        if bool(tied.any()):
+            st = sim[tied]
+            aff = torch.where(st >= kth[tied], torch.exp((st - st.max(dim=1, keepdim=True).values) / temperature),
+                              torch.zeros_like(st))
+            res[tied] = (aff / aff.sum(dim=1, keepdim=True)) @ labels
+        out[r0:r1] = res.reshape(r1 - r0, w, c)
     return out
 
 

@@ -18,23 +18,23 @@ from fovea.eval.plugin import EvalContext, Option, PaperProtocol
 OPTIONS = (
     Option("data", {"metavar": "SPEC", "help": "DAVIS-2017 root as 'davis:DIR' (JPEGImages/480p/<seq>/*.jpg, "
                                                "Annotations/480p/<seq>/*.png, ImageSets/2017/<split>.txt)"}),
-    Option("split", {"default": "val", "help": "sequence list ImageSets/2017/SPLIT.txt (default val)"}),
-    Option("n-last-frames", {"type": int, "default": 7, "help": "previous frames in the context besides the "
-                                                                  "first (default 7; 0: the first frame only)"}),
-    Option("topk", {"type": int, "default": 5, "help": "context patches kept per target patch (default 5)"}),
-    Option("radius", {"type": int, "default": 12, "help": "window radius in patches around the target patch's "
-                                                          "position (default 12; 0: no window)"}),
-    Option("temperature", {"type": float, "default": 0.1, "help": "affinity exp(cos / T) (default 0.1)"}),
-    Option("short-side", {"type": int, "default": 480, "help": "frames resized so the shorter side is this "
-                                                               "(default 480; a multiple of the patch size)"}),
-    Option("size-multiple", {"type": int, "default": 64, "help": "the longer side is floored to a multiple of "
-                                                                 "this (default 64 as DINO; a multiple of the "
-                                                                 "patch size)"}),
+    Option("split", {"default": "val", "help": "sequence list ImageSets/2017/SPLIT.txt"}),
+    Option("n-last-frames", {"type": int, "default": 7, "metavar": "N", "help": "previous frames in the context "
+                                                                                  "besides the first (0: the first only)"}),
+    Option("topk", {"type": int, "default": 5, "metavar": "K", "help": "context patches kept per target patch"}),
+    Option("radius", {"type": int, "default": 12, "metavar": "R", "help": "window radius in patches around the "
+                                                                          "target patch's position (0: no window)"}),
+    Option("temperature", {"type": float, "default": 0.1, "metavar": "T", "help": "affinity exp(cos / T)"}),
+    Option("short-side", {"type": int, "default": 480, "metavar": "PX", "help": "frames resized so the shorter side is "
+                                                                               "PX (a multiple of the patch size)"}),
+    Option("size-multiple", {"type": int, "default": 64, "metavar": "PX", "help": "the longer side is floored to a "
+                                                                                "multiple of PX (64 as DINO; a multiple "
+                                                                                "of the patch size)"}),
     Option("features", {"choices": ["model", "pixels"], "default": "model",
                         "help": "model: the backbone's patch tokens; pixels: each patch's normalised pixels "
                                 "(a baseline through the same propagation)"}),
-    Option("pictures", {"type": int, "default": 2, "help": "sequences drawn as frame strips with the masks "
-                                                           "overlaid (default 2; 0: none)"}),
+    Option("pictures", {"type": int, "default": 2, "metavar": "N", "help": "sequences drawn as frame strips with "
+                                                                           "the masks overlaid (0: none)"}),
     Option("score-only", {"action": "store_true", "help": "score the results already in --out against the "
                                                           "annotations, without running the model"}),
 )
